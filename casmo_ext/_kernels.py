@@ -1,0 +1,48 @@
+"""Finds the compiled kernels (casmo_ext._C) and says what was built."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from casmo_ext import _C
+except ImportError as error:  # built without the extension, or for another torch
+    _C = None
+    _IMPORT_ERROR: ImportError | None = error
+else:
+    _IMPORT_ERROR = None
+
+BUILD_HINT = (
+    "build them with `pip install -e . --no-build-isolation` in the repository "
+    "(or run `make test`, which does it)"
+)
+_warned = False
+
+
+def build_info() -> dict:
+    """What this installation has compiled in."""
+    info = {
+        "cpu_kernel": _C is not None,
+        "cuda_kernel": bool(_C is not None and _C.built_with_cuda()),
+        "cuda_emulation": bool(_C is not None and hasattr(_C, "cuda_emulated_step")),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if _IMPORT_ERROR is not None:
+        info["import_error"] = str(_IMPORT_ERROR)
+    return info
+
+
+def warn_fallback_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"casmo_ext: {reason}; CASMO falls back to the pure-PyTorch reference step, "
+            f"which is correct but many times slower. To get the fused kernels, {BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

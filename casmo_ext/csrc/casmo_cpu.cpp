@@ -1,0 +1,287 @@
+// Fused CPU kernel: one call steps every tensor of a parameter group.
+//
+// Work is cut into items of a fixed size (whole small tensors, fixed chunks of large
+// ones) so that each tensor's AGAR sum is added up in the same order whatever the
+// thread count: the result is deterministic and independent of torch.set_num_threads.
+// A small tensor runs both passes back to back on one thread while it is in cache; a
+// large one runs pass 1 over all its chunks, then its mean, then pass 2.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+
+#include "casmo_math.h"
+#include "casmo_ops.h"
+
+namespace casmo {
+namespace {
+
+constexpr int64_t kSmallTensor = 32768;  // stepped whole by one thread
+constexpr int64_t kChunk = 32768;        // work item of a large tensor
+constexpr int kLanes = 8;                // independent float64 accumulators: lets the
+                                         // compiler vectorise a fixed-order sum
+
+template <typename scalar_t>
+inline float load(const scalar_t* x, int64_t i) {
+  return static_cast<float>(x[i]);
+}
+
+// Rounds a float to the storage dtype and back: AGAR is computed from stored moments.
+template <typename scalar_t>
+inline float stored(float x) {
+  return static_cast<float>(static_cast<scalar_t>(x));
+}
+
+inline double sum_lanes(const double* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Pass 1 over n elements: moments updated in place; returns the sum of agar_i.
+template <typename scalar_t>
+__attribute__((always_inline)) inline double moments_pass(const scalar_t* __restrict__ g,
+                                                          scalar_t* __restrict__ m,
+                                                          scalar_t* __restrict__ s, int64_t n,
+                                                          const Hyper& h,
+                                                          const MomentConsts& mc) {
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto element = [&](int64_t i) {
+    float mi = load(m, i), si = load(s, i);
+    update_moments(load(g, i), mi, si, h);
+    m[i] = static_cast<scalar_t>(mi);
+    s[i] = static_cast<scalar_t>(si);
+    float m_hat, total;
+    return agar(stored<scalar_t>(mi), stored<scalar_t>(si), mc, m_hat, total);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += element(i + j);
+  }
+  for (; i < n; ++i) acc[0] += element(i);
+  return sum_lanes(acc);
+}
+
+// Pass 2 over n elements: parameters updated in place; returns the sum of C_i.
+template <typename scalar_t>
+__attribute__((always_inline)) inline double update_pass(scalar_t* __restrict__ p,
+                                                         const scalar_t* __restrict__ m,
+                                                         const scalar_t* __restrict__ s,
+                                                         int64_t n, const Hyper& h,
+                                                         const MomentConsts& mc,
+                                                         const GateConsts& gc) {
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto element = [&](int64_t i) {
+    float m_hat, total, confidence;
+    const float agar_i = agar(load(m, i), load(s, i), mc, m_hat, total);
+    p[i] = static_cast<scalar_t>(apply_update(load(p, i), m_hat, total, agar_i, h, gc, confidence));
+    return confidence;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += element(i + j);
+  }
+  for (; i < n; ++i) acc[0] += element(i);
+  return sum_lanes(acc);
+}
+
+// The passes for one dtype, compiled for AVX2+FMA and for the baseline; picked at
+// run time so one build runs everywhere and uses AVX2 where the CPU has it.
+#define CASMO_DEFINE_PASSES(scalar_t, suffix, target)                                          \
+  target double moments_##suffix(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t n,     \
+                                 const Hyper& h, const MomentConsts& mc) {                   \
+    return moments_pass(g, m, s, n, h, mc);                                                  \
+  }                                                                                          \
+  target double update_##suffix(scalar_t* p, const scalar_t* m, const scalar_t* s, int64_t n, \
+                                const Hyper& h, const MomentConsts& mc, const GateConsts& gc) { \
+    return update_pass(p, m, s, n, h, mc, gc);                                               \
+  }
+
+#define CASMO_AVX2 __attribute__((target("avx2,fma")))
+#define CASMO_BASE
+CASMO_DEFINE_PASSES(float, f32_avx2, CASMO_AVX2)
+CASMO_DEFINE_PASSES(float, f32_base, CASMO_BASE)
+CASMO_DEFINE_PASSES(c10::BFloat16, bf16_avx2, CASMO_AVX2)
+CASMO_DEFINE_PASSES(c10::BFloat16, bf16_base, CASMO_BASE)
+CASMO_DEFINE_PASSES(c10::Half, f16_avx2, CASMO_AVX2)
+CASMO_DEFINE_PASSES(c10::Half, f16_base, CASMO_BASE)
+
+template <typename scalar_t>
+struct Passes {
+  double (*moments)(const scalar_t*, scalar_t*, scalar_t*, int64_t, const Hyper&,
+                    const MomentConsts&);
+  double (*update)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, const Hyper&,
+                   const MomentConsts&, const GateConsts&);
+};
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+template <typename scalar_t>
+Passes<scalar_t> passes();
+template <>
+Passes<float> passes<float>() {
+  return cpu_has_avx2() ? Passes<float>{moments_f32_avx2, update_f32_avx2}
+                        : Passes<float>{moments_f32_base, update_f32_base};
+}
+template <>
+Passes<c10::BFloat16> passes<c10::BFloat16>() {
+  return cpu_has_avx2() ? Passes<c10::BFloat16>{moments_bf16_avx2, update_bf16_avx2}
+                        : Passes<c10::BFloat16>{moments_bf16_base, update_bf16_base};
+}
+template <>
+Passes<c10::Half> passes<c10::Half>() {
+  return cpu_has_avx2() ? Passes<c10::Half>{moments_f16_avx2, update_f16_avx2}
+                        : Passes<c10::Half>{moments_f16_base, update_f16_base};
+}
+
+// One unit of parallel work: a whole small tensor, or one chunk of a large one.
+struct Item {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+  bool whole;
+};
+
+// Splits items into contiguous runs of about equal element count, one per thread.
+template <typename F>
+void parallel_over_items(const std::vector<Item>& items, F&& body) {
+  if (items.empty()) return;
+  int64_t total = 0;
+  for (const Item& it : items) total += it.end - it.begin;
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size())));
+  std::vector<int64_t> bounds{0};
+  int64_t seen = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    seen += items[k].end - items[k].begin;
+    if (static_cast<int64_t>(bounds.size()) < parts && seen * parts >= total * static_cast<int64_t>(bounds.size()))
+      bounds.push_back(static_cast<int64_t>(k) + 1);
+  }
+  while (static_cast<int64_t>(bounds.size()) <= parts) bounds.push_back(static_cast<int64_t>(items.size()));
+  bounds.back() = static_cast<int64_t>(items.size());
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t part = part_begin; part < part_end; ++part)
+      for (int64_t k = bounds[part]; k < bounds[part + 1]; ++k) body(items[k], k);
+  });
+}
+
+template <typename scalar_t>
+at::Tensor step_impl(const TensorList& params, const TensorList& grads, const TensorList& ms,
+                     const TensorList& ss, const std::vector<double>& steps, const Hyper& h) {
+  const Passes<scalar_t> pass = passes<scalar_t>();
+  const int64_t num_tensors = static_cast<int64_t>(params.size());
+  std::vector<MomentConsts> moment(num_tensors);
+  std::vector<GateConsts> gate(num_tensors);
+  std::vector<double> agar_sum(num_tensors, 0.0), conf_sum(num_tensors, 0.0);
+  std::vector<Item> first, chunks;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    moment[t] = moment_consts(h, steps[t]);
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    if (n <= kSmallTensor) {
+      first.push_back({t, 0, n, true});
+    } else {
+      for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk), false});
+    }
+  }
+  first.insert(first.end(), chunks.begin(), chunks.end());
+  std::vector<double> item_agar(first.size(), 0.0), item_conf(first.size(), 0.0);
+  auto ptr = [](const at::Tensor& x, int64_t offset) { return x.data_ptr<scalar_t>() + offset; };
+
+  parallel_over_items(first, [&](const Item& it, int64_t k) {
+    const int64_t n = it.end - it.begin;
+    const int64_t t = it.tensor;
+    item_agar[k] = pass.moments(ptr(grads[t], it.begin), ptr(ms[t], it.begin), ptr(ss[t], it.begin), n, h,
+                                moment[t]);
+    if (it.whole) {  // still in cache: finish the tensor now
+      const GateConsts gc = gate_consts(h, item_agar[k], static_cast<double>(n));
+      item_conf[k] = pass.update(ptr(params[t], 0), ptr(ms[t], 0), ptr(ss[t], 0), n, h, moment[t], gc);
+    }
+  });
+  // Each large tensor's AGAR sum, chunk by chunk in order.
+  const size_t num_whole = first.size() - chunks.size();
+  for (size_t k = num_whole; k < first.size(); ++k) agar_sum[first[k].tensor] += item_agar[k];
+  for (size_t k = num_whole; k < first.size(); ++k) {
+    const int64_t t = first[k].tensor;
+    if (first[k].begin == 0) gate[t] = gate_consts(h, agar_sum[t], static_cast<double>(params[t].numel()));
+  }
+  parallel_over_items(chunks, [&](const Item& it, int64_t k) {
+    const int64_t t = it.tensor;
+    item_conf[num_whole + k] = pass.update(ptr(params[t], it.begin), ptr(ms[t], it.begin),
+                                           ptr(ss[t], it.begin), it.end - it.begin, h, moment[t], gate[t]);
+  });
+
+  double total_agar = 0.0, total_conf = 0.0;
+  for (size_t k = 0; k < first.size(); ++k) {
+    total_agar += item_agar[k];
+    total_conf += item_conf[k];
+  }
+  return at::tensor({total_agar, total_conf}, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace
+
+void check_tensor_lists(const TensorList& params, const TensorList& grads, const TensorList& ms,
+                        const TensorList& ss, const char* who) {
+  TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && ss.size() == params.size(),
+              who, ": params, grads, m and s lists must have the same length");
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, who,
+              ": parameters must be float32, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (const at::Tensor* x : {&params[i], &grads[i], &ms[i], &ss[i]}) {
+      TORCH_CHECK(x->device() == device, who, ": tensor ", i, " is on ", x->device(),
+                  " but the group's first parameter is on ", device,
+                  "; put all of a parameter's tensors on one device");
+      TORCH_CHECK(x->scalar_type() == dtype, who, ": tensor ", i, " has dtype ", x->scalar_type(),
+                  " but its group shares dtype ", dtype, "; gradients and state must match the parameter");
+      TORCH_CHECK(x->sizes() == params[i].sizes() && x->strides() == params[i].strides(), who,
+                  ": tensor ", i, " (shape ", x->sizes(), ", strides ", x->strides(),
+                  ") does not match its parameter (shape ", params[i].sizes(), ", strides ",
+                  params[i].strides(), ")");
+      TORCH_CHECK(x->is_non_overlapping_and_dense(), who, ": tensor ", i,
+                  " is a view with gaps or overlaps; step a dense parameter (call .contiguous())");
+    }
+  }
+}
+
+at::Tensor cpu_step(const TensorList& params, const TensorList& grads, const TensorList& ms,
+                    const TensorList& ss, const std::vector<double>& steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, double c_min,
+                    double robustness, double rel_floor) {
+  check_tensor_lists(params, grads, ms, ss, "casmo cpu_step");
+  TORCH_CHECK(steps.size() == params.size(), "casmo cpu_step: one step count per tensor");
+  const Hyper h{static_cast<float>(lr),           static_cast<float>(beta1),
+                static_cast<float>(beta2),        static_cast<float>(eps),
+                static_cast<float>(weight_decay), static_cast<float>(c_min),
+                static_cast<float>(robustness),   static_cast<float>(rel_floor)};
+  if (params.empty()) return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
+  TORCH_CHECK(params[0].device().is_cpu(), "casmo cpu_step: tensors must be on the CPU");
+  switch (params[0].scalar_type()) {
+    case at::kFloat:
+      return step_impl<float>(params, grads, ms, ss, steps, h);
+    case at::kBFloat16:
+      return step_impl<c10::BFloat16>(params, grads, ms, ss, steps, h);
+    default:
+      return step_impl<c10::Half>(params, grads, ms, ss, steps, h);
+  }
+}
+
+}  // namespace casmo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Fused CASMO optimizer steps (see casmo_ext.CASMO)";
+  module.def("cpu_step", &casmo::cpu_step, "Step one group's CPU tensors of one dtype in place");
+  module.def("built_with_cuda", []() {
+#ifdef CASMO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

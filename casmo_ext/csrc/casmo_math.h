@@ -1,0 +1,91 @@
+// The CASMO step, one element at a time: the single definition of the formula that
+// the CPU kernel, the CUDA kernels and the emulated CUDA kernels all call.
+// See CASMO_SPEC (README, "The CASMO step") for the math. Arithmetic is float32;
+// per-tensor constants are prepared in float64 on the host or once per block.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define CASMO_HD __host__ __device__ __forceinline__
+#else
+#define CASMO_HD inline
+#endif
+
+namespace casmo {
+
+// Hyper-parameters of one parameter group, as float32 scalars.
+struct Hyper {
+  float lr;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay;
+  float c_min;
+  float robustness;
+  float rel_floor;
+};
+
+// Per-tensor constants of pass 1 (from the step count).
+struct MomentConsts {
+  float bias_correction1;  // 1 - beta1^t
+  float bias_correction2;  // 1 - beta2^t
+};
+
+// Per-tensor constants of pass 2 (from the tensor's mean AGAR).
+struct GateConsts {
+  float agar_mean_plus_eps;  // A + eps
+  float trust_pow;           // (c_min + (1 - c_min) * A) ^ robustness
+  float decay;               // 1 - lr * weight_decay
+};
+
+CASMO_HD MomentConsts moment_consts(const Hyper& h, double step) {
+  MomentConsts c;
+  c.bias_correction1 = static_cast<float>(1.0 - pow(static_cast<double>(h.beta1), step));
+  c.bias_correction2 = static_cast<float>(1.0 - pow(static_cast<double>(h.beta2), step));
+  return c;
+}
+
+// agar_sum is the tensor's sum of agar_i (float64), n its element count (> 0).
+CASMO_HD GateConsts gate_consts(const Hyper& h, double agar_sum, double n) {
+  const double agar_mean = agar_sum / n;
+  const double trust = h.c_min + (1.0 - h.c_min) * agar_mean;
+  GateConsts c;
+  c.agar_mean_plus_eps = static_cast<float>(agar_mean) + h.eps;
+  c.trust_pow = static_cast<float>(pow(trust, static_cast<double>(h.robustness)));
+  c.decay = 1.0f - h.lr * h.weight_decay;
+  return c;
+}
+
+// Ternaries rather than fmaxf/fminf so that host compilers vectorise the loops.
+CASMO_HD float max_f(float a, float b) { return a > b ? a : b; }
+CASMO_HD float min_f(float a, float b) { return a < b ? a : b; }
+
+// Pass 1: fold the gradient into the moments. The deviation is taken from the
+// previous mean, before m moves.
+CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
+  const float d = g - m;
+  m = h.beta1 * m + (1.0f - h.beta1) * g;
+  s = h.beta2 * s + (1.0f - h.beta2) * (d * d);
+}
+
+// The signal fraction of one coordinate, from the stored moments. Also returns the
+// bias-corrected mean and the reconstructed E[g^2] that pass 2 needs.
+CASMO_HD float agar(float m, float s, const MomentConsts& c, float& m_hat, float& total) {
+  m_hat = m / c.bias_correction1;
+  const float s_hat = s / c.bias_correction2;
+  const float signal = m_hat * m_hat;
+  total = signal + s_hat;
+  return signal / max_f(total, FLT_MIN);
+}
+
+// Pass 2: the gated AdamW update. Returns the new parameter; confidence gets C_i.
+CASMO_HD float apply_update(float p, float m_hat, float total, float agar_i, const Hyper& h,
+                            const GateConsts& gc, float& confidence) {
+  const float focus = min_f(max_f(agar_i / gc.agar_mean_plus_eps, h.rel_floor), 1.0f);
+  confidence = gc.trust_pow * focus;
+  return p * gc.decay - h.lr * confidence * m_hat / (sqrtf(total) + h.eps);
+}
+
+}  // namespace casmo

@@ -1,0 +1,244 @@
+"""casmo_ext.CASMO: a drop-in for the public `casmo.CASMO`, stepping each parameter
+group with one fused kernel call per (device, dtype)."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+
+from casmo_ext import _kernels
+from casmo_ext.reference import casmo_step_reference
+
+# Keywords of the pre-0.4 calibration design: accepted, warned about, ignored.
+RETIRED_KEYWORDS = (
+    "tau_init_steps",
+    "tau_clip_range",
+    "granularity",
+    "agar_clamp_factor",
+    "total_steps",
+)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _validate(hp: dict) -> None:
+    """Raises ValueError for an out-of-range hyper-parameter, worded as the public
+    package words it."""
+    lr, eps, (beta1, beta2) = hp["lr"], hp["eps"], hp["betas"]
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon: {eps}")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta1: {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta2: {beta2}")
+    if not 0.0 <= hp["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay: {hp['weight_decay']}")
+    if not 0.0 <= hp["c_min"] <= 1.0:
+        raise ValueError(f"Invalid c_min: {hp['c_min']} (must be in [0, 1])")
+    if not 0.0 <= hp["robustness"]:
+        raise ValueError(f"Invalid robustness: {hp['robustness']} (must be >= 0)")
+    if not 0.0 <= hp["rel_floor"] <= 1.0:
+        raise ValueError(f"Invalid rel_floor: {hp['rel_floor']} (must be in [0, 1])")
+
+
+class CASMO(torch.optim.Optimizer):
+    """Confidence-Adjusted Signal-to-noise Momentum optimizer (the 0.4 formulation).
+
+    AdamW whose every coordinate's update is scaled by how consistent that coordinate's
+    gradient has been. Same keywords, defaults, errors and state layout (`step`, `m`,
+    `s`) as the public `casmo` package, so checkpoints move both ways.
+
+    Args beyond the public package's:
+        capturable: keep the step counts (and accept `lr`) as device tensors so the step
+            can be captured in a CUDA graph, as in `torch.optim.Adam`.
+        fused: None (default) uses the compiled kernel where it is built and the
+            reference otherwise; True requires the kernel; False forces the reference.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        c_min: float = 0.1,
+        robustness: float = 0.5,
+        rel_floor: float = 0.1,
+        nan_guard: bool = False,
+        *,
+        capturable: bool = False,
+        fused: Optional[bool] = None,
+        **retired: Any,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            c_min=c_min,
+            robustness=robustness,
+            rel_floor=rel_floor,
+            nan_guard=nan_guard,
+            capturable=capturable,
+        )
+        _validate(defaults)
+        for key in retired:
+            if key not in RETIRED_KEYWORDS:
+                raise TypeError(f"CASMO got an unexpected keyword argument '{key}'")
+            warnings.warn(
+                f"CASMO: '{key}' is deprecated and ignored since v0.4.0 — CASMO no "
+                "longer uses a calibration phase. See the migration guide.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if fused and _kernels._C is None:
+            raise RuntimeError(
+                f"CASMO(fused=True) needs the compiled kernels, which are missing "
+                f"({_kernels._IMPORT_ERROR}); {_kernels.BUILD_HINT}."
+            )
+        self._fused = fused
+        super().__init__(params, defaults)
+        # Per group: the device tensors [sum agar_i, sum C_i] of the last step and the
+        # element count. Kept on the device; group_metrics() reads them.
+        self._metrics: dict[int, tuple[list[torch.Tensor], int]] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _validate(self.param_groups[-1])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups saved by the public package lack our own keys.
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
+            group.setdefault("nan_guard", False)
+        if not hasattr(self, "_metrics"):
+            self._metrics = {}
+
+    def group_metrics(self, group_idx: int = 0) -> dict[str, Optional[float]]:
+        """The element-weighted mean AGAR and confidence of group `group_idx` at the
+        last step it took (None before its first). This reads the device."""
+        if group_idx not in self._metrics:
+            return {"agar": None, "confidence": None}
+        sums, count = self._metrics[group_idx]
+        agar_sum = conf_sum = 0.0
+        for pair in sums:
+            a, c = pair.tolist()
+            agar_sum, conf_sum = agar_sum + a, conf_sum + c
+        return {"agar": agar_sum / count, "confidence": conf_sum / count}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        stepping = []
+        for group_idx, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise NotImplementedError(
+                        "CASMO does not support sparse gradients. Use torch.optim.SparseAdam "
+                        "for sparse scenarios, or densify with grad.to_dense()."
+                    )
+            if params:
+                stepping.append((group_idx, group, params))
+        # Every guarded gradient is checked before anything moves, so a failing step
+        # leaves all parameters and all state as they were.
+        for group_idx, group, params in stepping:
+            if group["nan_guard"] and not all(torch.isfinite(p.grad).all() for p in params):
+                raise RuntimeError(
+                    f"Non-finite (NaN/Inf) gradient detected in parameter group {group_idx}. "
+                    "Clip gradients (torch.nn.utils.clip_grad_norm_) or check the loss."
+                )
+        for group_idx, group, params in stepping:
+            self._step_group(group_idx, group, params)
+        return loss
+
+    def _step_group(self, group_idx: int, group: dict, params: list[torch.Tensor]) -> None:
+        capturable = group["capturable"]
+        buckets: dict[tuple, list] = defaultdict(lambda: ([], [], [], [], []))
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
+                )
+                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step = state["step"]
+            if capturable:
+                if not isinstance(step, torch.Tensor) or step.device != p.device:
+                    step = state["step"] = torch.as_tensor(
+                        step, dtype=torch.float32, device=p.device
+                    )
+            else:
+                if isinstance(step, torch.Tensor):  # loaded from a capturable run
+                    step = int(step.item())
+                step = state["step"] = step + 1
+            grad = p.grad
+            if grad.stride() != p.stride():
+                grad = torch.empty_like(p).copy_(grad)
+            bucket = buckets[(p.device, p.dtype)]
+            for column, value in zip(bucket, (p, grad, state["m"], state["s"], step)):
+                column.append(value)
+
+        sums = []
+        for (device, dtype), (ps, gs, ms, ss, steps) in buckets.items():
+            if capturable:
+                torch._foreach_add_(steps, 1)
+            sums.append(self._dispatch(device, dtype, group, ps, gs, ms, ss, steps))
+        self._metrics[group_idx] = (sums, sum(p.numel() for p in params))
+
+    def _dispatch(self, device, dtype, group, ps, gs, ms, ss, steps) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            c_min=group["c_min"],
+            robustness=group["robustness"],
+            rel_floor=group["rel_floor"],
+        )
+        lr = group["lr"]
+        kernel = self._kernel_for(device, dtype)
+        if kernel is None:
+            return casmo_step_reference(ps, gs, ms, ss, steps, lr=lr, **hyper)
+        scalars = [hyper[k] for k in ("beta1", "beta2", "eps", "weight_decay")]
+        scalars += [hyper[k] for k in ("c_min", "robustness", "rel_floor")]
+        if device.type == "cpu":
+            steps_f = [float(s) for s in steps]
+            return _kernels._C.cpu_step(ps, gs, ms, ss, steps_f, float(lr), *scalars)
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        lr_value = 0.0 if lr_tensor is not None else float(lr)
+        if group["capturable"]:
+            return _kernels._C.cuda_step(ps, gs, ms, ss, [], steps, lr_value, lr_tensor, *scalars)
+        steps_f = [float(s) for s in steps]
+        return _kernels._C.cuda_step(ps, gs, ms, ss, steps_f, [], lr_value, lr_tensor, *scalars)
+
+    def _kernel_for(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """Whether the fused kernel steps this bucket (else the reference does)."""
+        if self._fused is False or dtype not in KERNEL_DTYPES:
+            return None
+        if _kernels._C is None:
+            _kernels.warn_fallback_once(f"the compiled kernels are missing ({_kernels._IMPORT_ERROR})")
+            return None
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and _kernels._C.built_with_cuda():
+            return "cuda"
+        if self._fused:
+            raise RuntimeError(
+                f"CASMO(fused=True) has no kernel for {device.type} tensors in this build "
+                f"(build_info: {_kernels.build_info()}); rebuild on a machine with nvcc."
+            )
+        _kernels.warn_fallback_once(f"this build has no kernel for {device.type} tensors")
+        return None
