@@ -98,7 +98,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {name} asked for, but this machine has no usable CUDA GPU; use --device cpu")
+        sys.exit(f"error: --device {name} asked for, but there is no usable CUDA GPU; use --device cpu")
     return device
 
 
@@ -147,13 +147,14 @@ def read_config(run_dir: Path, script: str) -> dict:
     """The config.json of a run of `script`; exits with a clear message otherwise."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        sys.exit(f"error: {run_dir} is not a run folder (no config.json); pass the folder a previous run wrote")
+        sys.exit(f"error: {run_dir} is not a run folder (no config.json); pass a folder a run wrote")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         sys.exit(f"error: {path} is not valid JSON ({error}); was the folder edited by hand?")
     if config.get("script") != script:
-        sys.exit(f"error: {run_dir} is a run of {config.get('script')!r}, not of {script}; resume it with that script")
+        other = config.get("script")
+        sys.exit(f"error: {run_dir} is a run of {other!r}, not of {script}; resume it with that script")
     return config
 
 

@@ -34,8 +34,8 @@ def want_cuda() -> bool:
 
 
 def extension():
-    sources = [os.path.join(CSRC, "casmo_cpu.cpp")]
-    sources += [os.path.join(CSRC, f) for f in ("casmo_cuda_emulated.cpp",) if os.path.exists(os.path.join(CSRC, f))]
+    sources = [os.path.join(CSRC, f) for f in ("casmo_cpu.cpp", "casmo_cuda_emulated.cpp")]
+    sources = [path for path in sources if os.path.exists(path)]
     if not want_cuda():
         print("casmo_ext: building the CPU kernel only (no nvcc or no CUDA build of torch)")
         return CppExtension("casmo_ext._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
@@ -43,8 +43,10 @@ def extension():
         # No GPU to detect: build for Ampere and Hopper (plus PTX for newer GPUs)
         # rather than for every architecture torch knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    print(f"casmo_ext: building the CPU and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    print(
+        f"casmo_ext: building the CPU and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})"
+    )
     return CUDAExtension(
         "casmo_ext._C",
         sources + [os.path.join(CSRC, "casmo_cuda.cu")],

@@ -168,17 +168,13 @@ class CASMO(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = (
-                    torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
-                )
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
                 state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             step = state["step"]
             if capturable:
                 if not isinstance(step, torch.Tensor) or step.device != p.device:
-                    step = state["step"] = torch.as_tensor(
-                        step, dtype=torch.float32, device=p.device
-                    )
+                    step = state["step"] = torch.as_tensor(step, dtype=torch.float32, device=p.device)
             else:
                 if isinstance(step, torch.Tensor):  # loaded from a capturable run
                     step = int(step.item())
