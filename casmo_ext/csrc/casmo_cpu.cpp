@@ -20,13 +20,7 @@ namespace {
 
 constexpr int64_t kSmallTensor = 32768;  // stepped whole by one thread
 constexpr int64_t kChunk = 32768;        // work item of a large tensor
-constexpr int kLanes = 8;                // independent float64 accumulators: lets the
-                                         // compiler vectorise a fixed-order sum
-
-template <typename scalar_t>
-inline float load(const scalar_t* x, int64_t i) {
-  return static_cast<float>(x[i]);
-}
+constexpr int64_t kBlock = 256;          // elements per vectorised inner loop
 
 // Rounds a float to the storage dtype and back: AGAR is computed from stored moments.
 template <typename scalar_t>
@@ -34,55 +28,63 @@ inline float stored(float x) {
   return static_cast<float>(static_cast<scalar_t>(x));
 }
 
-inline double sum_lanes(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// Sums floats in float64 in a fixed order, in eight lanes the compiler can vectorise.
+inline double sum_block(const float* values, int64_t n) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += values[j + l];
+  for (; j < n; ++j) lanes[0] += values[j];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 // Pass 1 over n elements: moments updated in place; returns the sum of agar_i.
+// Each block of kBlock elements is one straight loop (vectorised), writing agar_i to a
+// small buffer that is then summed.
 template <typename scalar_t>
-__attribute__((always_inline)) inline double moments_pass(const scalar_t* __restrict__ g,
-                                                          scalar_t* __restrict__ m,
-                                                          scalar_t* __restrict__ s, int64_t n,
-                                                          const Hyper& h,
-                                                          const MomentConsts& mc) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  auto element = [&](int64_t i) {
-    float mi = load(m, i), si = load(s, i);
-    update_moments(load(g, i), mi, si, h);
-    m[i] = static_cast<scalar_t>(mi);
-    s[i] = static_cast<scalar_t>(si);
-    float m_hat, total;
-    return agar(stored<scalar_t>(mi), stored<scalar_t>(si), mc, m_hat, total);
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += element(i + j);
+__attribute__((always_inline)) inline double moments_pass(const scalar_t* g, scalar_t* m, scalar_t* s,
+                                                          int64_t n, const Hyper h, const MomentConsts mc) {
+  float agar_block[kBlock];
+  double sum = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const scalar_t* __restrict__ gb = g + b;
+    scalar_t* __restrict__ mb = m + b;
+    scalar_t* __restrict__ sb = s + b;
+    for (int64_t i = 0; i < len; ++i) {
+      float mi = static_cast<float>(mb[i]), si = static_cast<float>(sb[i]);
+      update_moments(static_cast<float>(gb[i]), mi, si, h);
+      mb[i] = static_cast<scalar_t>(mi);
+      sb[i] = static_cast<scalar_t>(si);
+      float m_hat, total;
+      agar_block[i] = agar(stored<scalar_t>(mi), stored<scalar_t>(si), mc, m_hat, total);
+    }
+    sum += sum_block(agar_block, len);
   }
-  for (; i < n; ++i) acc[0] += element(i);
-  return sum_lanes(acc);
+  return sum;
 }
 
 // Pass 2 over n elements: parameters updated in place; returns the sum of C_i.
 template <typename scalar_t>
-__attribute__((always_inline)) inline double update_pass(scalar_t* __restrict__ p,
-                                                         const scalar_t* __restrict__ m,
-                                                         const scalar_t* __restrict__ s,
-                                                         int64_t n, const Hyper& h,
-                                                         const MomentConsts& mc,
-                                                         const GateConsts& gc) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  auto element = [&](int64_t i) {
-    float m_hat, total, confidence;
-    const float agar_i = agar(load(m, i), load(s, i), mc, m_hat, total);
-    p[i] = static_cast<scalar_t>(apply_update(load(p, i), m_hat, total, agar_i, h, gc, confidence));
-    return confidence;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += element(i + j);
+__attribute__((always_inline)) inline double update_pass(scalar_t* p, const scalar_t* m, const scalar_t* s,
+                                                         int64_t n, const Hyper h, const MomentConsts mc,
+                                                         const GateConsts gc) {
+  float confidence_block[kBlock];
+  double sum = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    scalar_t* __restrict__ pb = p + b;
+    const scalar_t* __restrict__ mb = m + b;
+    const scalar_t* __restrict__ sb = s + b;
+    for (int64_t i = 0; i < len; ++i) {
+      float m_hat, total;
+      const float agar_i = agar(static_cast<float>(mb[i]), static_cast<float>(sb[i]), mc, m_hat, total);
+      pb[i] = static_cast<scalar_t>(
+          apply_update(static_cast<float>(pb[i]), m_hat, total, agar_i, h, gc, confidence_block[i]));
+    }
+    sum += sum_block(confidence_block, len);
   }
-  for (; i < n; ++i) acc[0] += element(i);
-  return sum_lanes(acc);
+  return sum;
 }
 
 // The passes for one dtype, compiled for AVX2+FMA and for the baseline; picked at

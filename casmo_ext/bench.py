@@ -1,0 +1,168 @@
+"""Time one optimizer step: CASMO (fused kernel), CASMO (reference) and torch.optim.Adam
+(fused, foreach), on the same tensors, for three parameter sets.
+
+    python -m casmo_ext.bench [--device cpu|cuda|all] [--json PATH]
+
+Run it alone on the machine: ratios are only meaningful when nothing else competes
+for the cores. Reported: the median step time, its ratio to fused Adam measured in the
+same process, and the effective bandwidth (the bytes each optimizer must move per
+step: CASMO 9 tensor passes, Adam 7, over the time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from casmo_ext import CASMO, build_info
+
+# The DCGAN generator of train_dcgan.py (z=100, 64 feature maps): conv-transpose
+# weights and BatchNorm weights and biases.
+DCGAN_GENERATOR_SHAPES = [(100, 512, 4, 4), (512,), (512,), (512, 256, 4, 4), (256,), (256,)]
+DCGAN_GENERATOR_SHAPES += [(256, 128, 4, 4), (128,), (128,), (128, 64, 4, 4), (64,), (64,), (64, 3, 4, 4)]
+PARAMETER_SETS = {
+    "dcgan_generator": DCGAN_GENERATOR_SHAPES,
+    "one_16M_tensor": [(16 * 1024 * 1024,)],
+    "400_x_256": [(256,)] * 400,
+}
+# Tensor passes over memory per step: CASMO reads g, m, s and writes m, s (pass 1),
+# then reads p, m, s and writes p (pass 2); Adam reads p, g, m, v and writes p, m, v.
+PASSES = {"casmo": 9, "adam": 7}
+OPTIMIZERS = {
+    "casmo_kernel": ("casmo", lambda ps: CASMO(ps, lr=1e-4, fused=True)),
+    "casmo_reference": ("casmo", lambda ps: CASMO(ps, lr=1e-4, fused=False)),
+    "adam_fused": ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-4, fused=True)),
+    "adam_foreach": ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-4, foreach=True)),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(make_optimizer, shapes, device, min_repeats: int, min_seconds: float) -> float:
+    """The median wall time of one step() in seconds, after warm-up steps."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    optimizer = make_optimizer(params)
+    for _ in range(3):
+        optimizer.step()
+    synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - begin)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def run(devices, sets, min_repeats: int, min_seconds: float) -> list[dict]:
+    rows = []
+    for device in devices:
+        for set_name in sets:
+            shapes = PARAMETER_SETS[set_name]
+            numel = sum(torch.Size(s).numel() for s in shapes)
+            results = {}
+            for name, (family, make) in OPTIMIZERS.items():
+                # The reference is slow on big sets: fewer repeats still give a fair median.
+                repeats = 3 if name == "casmo_reference" else min_repeats
+                results[name] = (family, time_step(make, shapes, device, repeats, min_seconds))
+            fused_adam = results["adam_fused"][1]
+            for name, (family, seconds) in results.items():
+                gigabytes = PASSES[family] * numel * 4 / 1e9
+                rows.append(
+                    {
+                        "device": str(device),
+                        "set": set_name,
+                        "tensors": len(shapes),
+                        "elements": numel,
+                        "optimizer": name,
+                        "median_ms": seconds * 1e3,
+                        "vs_adam_fused": seconds / fused_adam,
+                        "effective_GBps": gigabytes / seconds,
+                    }
+                )
+    return rows
+
+
+def machine() -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "build": build_info(),
+    }
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        info["cpu"] = names[0] if names else info["cpu"]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| device | set | optimizer | median ms | x fused Adam | effective GB/s |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['set']} | {r['optimizer']} | {r['median_ms']:.3f} | "
+            f"{r['vs_adam_fused']:.2f} | {r['effective_GBps']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--sets", nargs="+", choices=list(PARAMETER_SETS), default=list(PARAMETER_SETS))
+    parser.add_argument("--min-repeats", type=int, default=20)
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    parser.add_argument("--json", metavar="PATH", help="also write machine info and the rows as JSON")
+    args = parser.parse_args()
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if not build_info()["cpu_kernel"]:
+        parser.error(
+            "the compiled kernels are missing: build them with `pip install -e . --no-build-isolation`"
+        )
+
+    info = machine()
+    print(
+        f"# {info['date']}  torch {info['torch']}  {info['cpu']} ({info['cpu_threads']} threads)"
+        + (f"  GPU: {info['gpu']}" if "gpu" in info else "")
+    )
+    rows = run(devices, args.sets, args.min_repeats, args.min_seconds)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": info, "rows": rows}, handle, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
