@@ -224,6 +224,8 @@ def load_run(path: Path) -> Run:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise NotARun(f"config.json is not valid JSON ({error})") from None
     log = read_numeric_csv(path / "log.csv")
+    if "step" not in log:
+        raise NotARun("log.csv has no step column")
     if log.n_rows == 0:
         raise NotARun("log.csv has no complete data row")
     args = config.get("args", {})

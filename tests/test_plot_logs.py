@@ -430,3 +430,13 @@ def test_no_run_at_all_is_an_error(tmp_path):
     assert code == 1
     assert "nothing: no config.json" in printed and "missing: does not exist" in printed
     assert not (tmp_path / "o").exists()
+
+
+def test_seeds_differing_in_a_hyperparameter_are_flagged(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"s{seed}", g_opt="casmo", seed=seed, steps=40) for seed in (0, 1)]
+    config = json.loads((runs[1] / "config.json").read_text())
+    config["args"]["robustness"] = 0.0
+    (runs[1] / "config.json").write_text(json.dumps(config))
+    loaded = [plot_logs.load_run(run) for run in runs]
+    plot_logs.warn_mixed_hyperparameters(loaded)
+    assert "the runs of casmo_adam differ in robustness" in capsys.readouterr().out
