@@ -1,0 +1,442 @@
+"""plot_logs.py on run folders fabricated here after the training scripts' format: toy and DCGAN
+runs, several seeds and configurations, different logging intervals, a run cut off mid-line,
+and folders that are not runs."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import plot_logs
+
+LOG_COLUMNS = [
+    "step",
+    "epoch",
+    "loss_d",
+    "loss_g",
+    "d_x",
+    "d_g_z",
+    "agar_g",
+    "conf_g",
+    "agar_d",
+    "conf_d",
+    "grad_norm_g",
+    "grad_norm_d",
+    "steps_per_sec",
+]
+PER_RUN_FIGURES = ["loss_plot.png", "score_plot.png", "optimizer_plot.png", "grad_norm_plot.png"]
+COMPARE_FIGURES = ["compare_loss.png", "compare_scores.png", "compare_grad_norm.png", "comparison_2x2.png"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fabricating run folders
+
+
+def make_run(
+    folder: Path,
+    script: str = "train_toy2d.py",
+    g_opt: str = "adam",
+    d_opt: str = "adam",
+    seed: int = 0,
+    log_every: int = 10,
+    steps: int = 400,
+    columns: dict[str, list[float]] | None = None,
+    cut_off: bool = False,
+) -> Path:
+    """A run folder as the scripts write it. `columns` replaces the random log (its length sets
+    the number of rows, logged at steps 0, log_every, ...); `cut_off` leaves a half-written line."""
+    folder.mkdir(parents=True)
+    args = {"g_opt": g_opt, "d_opt": d_opt, "seed": seed, "epochs": 4, "bs": 64, "log_every": log_every}
+    args |= {"robustness": 0.5} | ({"dataset": "shapes"} if script == "train_dcgan.py" else {})
+    config = {"script": script, "args": args, "device": "cpu", "environment": {"python": "3"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    log = columns or random_log(np.random.default_rng(seed), steps // log_every)
+    n_rows = len(next(iter(log.values())))
+    log = {
+        "step": [i * log_every for i in range(n_rows)],
+        "epoch": [i * 4 // n_rows for i in range(n_rows)],
+        **log,
+    }
+    for network, optimizer in (("g", g_opt), ("d", d_opt)):
+        if optimizer == "adam":  # Adam has no AGAR / confidence: the scripts write empty fields
+            log[f"agar_{network}"] = log[f"conf_{network}"] = [""] * n_rows
+    write_csv(folder / "log.csv", LOG_COLUMNS, log)
+    if cut_off:
+        with open(folder / "log.csv", "a") as handle:
+            handle.write(f"{n_rows * log_every},3,0.69,1.2")
+    if script == "train_toy2d.py":
+        write_csv(
+            folder / "quality.csv",
+            ["epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok"],
+            toy_quality(),
+        )
+        points = np.random.default_rng(seed).normal(size=(300, 2))
+        write_csv(folder / "real.csv", ["x", "y"], {"x": points[:, 0], "y": points[:, 1]})
+        write_csv(folder / "generated.csv", ["x", "y"], {"x": points[:, 0] * 0.8, "y": points[:, 1] * 0.8})
+    else:
+        names = [
+            "epoch",
+            "step",
+            "loss_d_mean",
+            "loss_g_mean",
+            "d_x_mean",
+            "d_g_z_mean",
+            "diversity_ratio",
+            "d_dominated_share",
+        ]
+        write_csv(
+            folder / "quality.csv",
+            names,
+            {name: [1, 2, 3, 4] for name in names} | {"diversity_ratio": [0.5, 0.6, 0.7, 0.8]},
+        )
+    return folder
+
+
+def random_log(rng: np.random.Generator, n_rows: int) -> dict[str, list]:
+    t = np.linspace(0, 1, n_rows)
+    log = {
+        "loss_d": 1.3 - 0.6 * t + 0.1 * rng.normal(size=n_rows),
+        "loss_g": 0.8 + 1.0 * t + 0.2 * rng.normal(size=n_rows),
+        "d_x": np.clip(0.5 + 0.3 * t + 0.05 * rng.normal(size=n_rows), 0, 1),
+        "d_g_z": np.clip(0.5 - 0.3 * t + 0.05 * rng.normal(size=n_rows), 0, 1),
+        "agar_g": 0.3 + 0.1 * rng.random(n_rows),
+        "conf_g": 0.6 + 0.1 * rng.random(n_rows),
+        "agar_d": 0.2 + 0.1 * rng.random(n_rows),
+        "conf_d": 0.5 + 0.1 * rng.random(n_rows),
+        "grad_norm_g": np.exp(rng.normal(size=n_rows)),
+        "grad_norm_d": np.exp(rng.normal(size=n_rows) - 1),
+    }
+    log = {name: list(values) for name, values in log.items()}
+    log["steps_per_sec"] = ["" if i % 3 else 100.0 + i for i in range(n_rows)]  # not every row has one
+    return log
+
+
+def toy_quality() -> dict[str, list]:
+    return {
+        "epoch": [1, 2, 3, 4],
+        "step": [100, 200, 300, 400],
+        "mmd": [0.5, 0.2, 0.1, 0.05],
+        "swd": [0.4, 0.3, 0.2, 0.1],
+        "on_support": [0.2, 0.5, 0.8, 0.9],
+        "left_share": [0.9, 0.7, 0.6, 0.5],
+        "right_share": [0.1, 0.3, 0.4, 0.5],
+        "coverage_ok": ["False", "False", "True", "True"],
+    }
+
+
+def write_csv(path: Path, header: list[str], columns: dict[str, list]) -> None:
+    n_rows = len(next(iter(columns.values())))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(n_rows):
+            writer.writerow([columns[name][i] if name in columns else "" for name in header])
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path below `folder`, with each file's modification time and bytes."""
+    return {
+        str(path): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else b"")
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = plot_logs.main(argv)
+    return code, output.getvalue()
+
+
+def summary_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def is_png(path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    return path.read_bytes()[:8] == PNG_SIGNATURE and plt.imread(path).ndim == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# One plotting of a mixed set of runs, shared by the tests below
+
+TOY_RUNS = {
+    "toy_aa_s0": dict(seed=0, log_every=5),
+    "toy_aa_s1": dict(seed=1, log_every=10),
+    "toy_ca_s0": dict(g_opt="casmo", seed=0, log_every=10),
+    "toy_cc_s0": dict(g_opt="casmo", d_opt="casmo", seed=0, cut_off=True),
+}
+DCGAN_RUNS = {
+    "dc_aa_s0": dict(seed=0),
+    "dc_ac_s0": dict(d_opt="casmo", seed=0, log_every=8),
+    "dc_ac_s1": dict(d_opt="casmo", seed=1, log_every=16),
+}
+NOT_RUNS = {
+    "empty_folder": "no config.json",
+    "header_only": "no complete data row",
+    "no_config": "no config.json",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def low_resolution():
+    """The tests read the files, not the pixels, and rendering is most of their time."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plot_logs, "DPI", 60)
+        yield
+
+
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    for name, options in TOY_RUNS.items():
+        make_run(root / name, **options)
+    for name, options in DCGAN_RUNS.items():
+        make_run(root / name, script="train_dcgan.py", **options)
+    (root / "empty_folder").mkdir()
+    header_only = make_run(root / "header_only")
+    (header_only / "log.csv").write_text(",".join(LOG_COLUMNS) + "\n")
+    no_config = make_run(root / "no_config")
+    (no_config / "config.json").unlink()
+    before = snapshot(root)
+    out = tmp_path_factory.mktemp("out") / "plots"
+    code, printed = run_main([str(path) for path in sorted(root.iterdir())] + ["--out", str(out)])
+    return {"root": root, "out": out, "code": code, "printed": printed, "before": before}
+
+
+def test_every_figure_is_written_as_png(plotted):
+    out = plotted["out"]
+    assert plotted["code"] == 0
+    for name in TOY_RUNS:
+        for figure in PER_RUN_FIGURES + ["quality_plot.png", "scatter.png"]:
+            assert is_png(out / name / figure), f"{name}/{figure}"
+    for name in DCGAN_RUNS:
+        for figure in PER_RUN_FIGURES + ["quality_plot.png"]:
+            assert is_png(out / name / figure), f"{name}/{figure}"
+        assert not (out / name / "scatter.png").exists()
+    for prefix in ("toy2d_", "dcgan_"):  # two scripts: compared separately
+        for figure in COMPARE_FIGURES:
+            assert is_png(out / f"{prefix}{figure}"), prefix + figure
+    assert not (out / "comparison_2x2.png").exists()
+    assert str(out / "summary.md") in plotted["printed"]
+
+
+def test_summary_has_a_row_per_configuration_and_per_run(plotted):
+    rows = summary_rows(plotted["out"])
+    configurations = {
+        (row["set"], row["name"], row["seeds"]) for row in rows if row["scope"] == "configuration"
+    }
+    assert configurations == {
+        ("toy2d", "adam_adam", "0,1"),
+        ("toy2d", "casmo_adam", "0"),
+        ("toy2d", "casmo_casmo", "0"),
+        ("dcgan (shapes)", "adam_adam", "0"),
+        ("dcgan (shapes)", "adam_casmo", "0,1"),
+    }
+    assert {row["name"] for row in rows if row["scope"] == "run"} == set(TOY_RUNS) | set(DCGAN_RUNS)
+    assert [row["name"] for row in rows if row["set"] == "toy2d"][:3] == [
+        "adam_adam",
+        "casmo_adam",
+        "casmo_casmo",
+    ]
+    for column in (
+        "d_final",
+        "g_final",
+        "stabilised",
+        "g_trend",
+        "d_dominated_share",
+        "steps_per_sec_median",
+    ):
+        assert all(row[column] != "" for row in rows), column
+    toy = next(row for row in rows if row["name"] == "toy_aa_s0")
+    assert float(toy["on_support_final"]) == 0.9
+    assert float(toy["on_support_last3"]) == pytest.approx((0.5 + 0.8 + 0.9) / 3)
+    assert float(toy["mmd_final"]) == 0.05
+    dcgan = next(row for row in rows if row["name"] == "dc_ac_s1")
+    assert float(dcgan["diversity_ratio_final"]) == 0.8
+
+
+def test_configuration_row_is_mean_and_std_over_seeds(plotted):
+    rows = summary_rows(plotted["out"])
+    seeds = [float(row["d_final"]) for row in rows if row["name"] in ("toy_aa_s0", "toy_aa_s1")]
+    config = next(
+        row
+        for row in rows
+        if row["scope"] == "configuration" and row["name"] == "adam_adam" and row["set"] == "toy2d"
+    )
+    assert float(config["d_final"]) == pytest.approx(np.mean(seeds), rel=1e-5)
+    assert float(config["d_final_std"]) == pytest.approx(np.std(seeds, ddof=1), rel=1e-5)
+    assert config["d_collapsed"] == "0/2"
+
+
+def test_summary_md_is_a_markdown_table_with_definitions(plotted):
+    text = (plotted["out"] / "summary.md").read_text()
+    assert (
+        "### toy2d: loss statistics" in text
+        and "### dcgan (shapes): convergence checks, quality, speed" in text
+    )
+    table_rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| **adam_adam** | 0,1 |") and " ± " in line for line in table_rows)
+    assert any(line.startswith("| toy_cc_s0 | 0 |") for line in table_rows)
+    widths = {line.count("|") for line in text.splitlines()[2:4]}
+    assert len(widths) == 1  # the header, separator and rows have the same number of cells
+    for threshold in (plot_logs.D_COLLAPSED_BELOW, plot_logs.STABLE_MAX_CV, plot_logs.WILD_OSCILLATION_RATIO):
+        assert str(threshold) in text
+    assert "last 10% of logged steps" in text
+
+
+def test_skipped_folders_are_reported_with_the_reason(plotted):
+    printed = plotted["printed"]
+    for name, reason in NOT_RUNS.items():
+        line = next(line for line in printed.splitlines() if line.startswith("skipped") and name in line)
+        assert reason in line
+    assert not any((plotted["out"] / name).exists() for name in NOT_RUNS)
+
+
+def test_run_folders_are_not_written_to(plotted):
+    assert snapshot(plotted["root"]) == plotted["before"]
+
+
+def test_cut_off_last_line_is_skipped(plotted):
+    rows = summary_rows(plotted["out"])
+    run = next(row for row in rows if row["name"] == "toy_cc_s0")
+    assert int(run["rows"]) == 40 and float(run["last_step"]) == 390
+    assert "toy_cc_s0/log.csv: skipped 1 malformed row" in plotted["printed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics on logs whose answers are known by hand
+
+
+def summary_of(tmp_path: Path, **columns) -> dict:
+    n_rows = len(next(iter(columns.values())))
+    filler = {name: [0.5] * n_rows for name in ("loss_d", "loss_g", "d_x", "d_g_z")}
+    run = make_run(tmp_path / "run", columns=filler | {name: list(v) for name, v in columns.items()})
+    return plot_logs.run_summary(plot_logs.load_run(run))
+
+
+def test_statistics_of_a_falling_d_loss(tmp_path):
+    # 20 rows: D loss 1.00, 0.95, ..., 0.05; G loss flat at 2; D(x) high from row 10, D(G(z)) low from 15.
+    d_loss = [1.0 - 0.05 * i for i in range(20)]
+    summary = summary_of(
+        tmp_path, loss_d=d_loss, loss_g=[2.0] * 20, d_x=[0.5] * 10 + [0.9] * 10, d_g_z=[0.5] * 15 + [0.1] * 5
+    )
+    assert summary["d_initial"] == pytest.approx((1.0 + 0.95) / 2)  # first 10 % = 2 rows
+    assert summary["d_final"] == pytest.approx((0.1 + 0.05) / 2)
+    assert summary["d_min"] == pytest.approx(0.05) and summary["d_max"] == pytest.approx(1.0)
+    assert summary["d_mean"] == pytest.approx(0.525)
+    assert summary["d_std"] == pytest.approx(math.sqrt(sum((x - 0.525) ** 2 for x in d_loss) / 20))
+    assert summary["g_initial"] == summary["g_final"] == summary["g_std"] + 2.0 == 2.0
+    assert summary["d_dominated_share"] == pytest.approx(5 / 20)
+    assert summary["d_collapsed"] == "yes"  # 0.075 < 0.1
+    assert summary["d_stuck_high"] == "no"
+    last4 = np.array([0.2, 0.15, 0.1, 0.05])  # last 20 %: CV 0.447 > 0.2
+    assert summary["d_last20_cv"] == pytest.approx(last4.std() / last4.mean())
+    assert summary["stabilised"] == "no"
+    assert summary["g_trend"] == "flat"
+    assert summary["d_oscillation"] == pytest.approx(0.0, abs=1e-12)  # every step changes by -0.05
+    assert summary["wild_oscillation"] == "no"
+    assert summary["rows"] == 20 and summary["last_step"] == 190
+
+
+def test_stuck_discriminator_and_rising_generator(tmp_path):
+    summary = summary_of(tmp_path, loss_d=[1.4] * 20, loss_g=[1.0 + 0.1 * i for i in range(20)])
+    assert summary["d_stuck_high"] == "yes" and summary["d_collapsed"] == "no"
+    # last half: rows 10..19, G from 2.0 to 2.9, change 0.9 across a mean of 2.45
+    assert summary["g_last_half_change"] == pytest.approx(0.9 / 2.45)
+    assert summary["g_trend"] == "rising"
+    # "stabilised" only asks for a small spread at the end: G's last 20 % (2.6 .. 2.9) has CV 0.04
+    assert summary["g_last20_cv"] == pytest.approx(np.std([2.6, 2.7, 2.8, 2.9]) / 2.75)
+    assert summary["d_last20_cv"] == 0 and summary["stabilised"] == "yes"
+
+
+def test_wild_oscillation_and_falling_generator(tmp_path):
+    summary = summary_of(tmp_path, loss_d=[0.2, 1.2] * 10, loss_g=[3.0 - 0.1 * i for i in range(20)])
+    assert summary["d_oscillation"] == pytest.approx(np.diff([0.2, 1.2] * 10).std() / 0.7)
+    assert summary["wild_oscillation"] == "yes"
+    assert summary["g_trend"] == "falling"
+    assert summary["d_dominated_share"] == 0.0
+
+
+def test_missing_columns_give_n_a(tmp_path):
+    summary = summary_of(tmp_path, loss_d=[0.7, 0.6], loss_g=["", ""])
+    assert summary["g_trend"] == "n/a" and summary["stabilised"] == "n/a"
+    assert math.isnan(summary["g_final"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_mean_with_band_averages_seeds_logged_at_different_intervals():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    coarse = (np.arange(0, 101, 20.0), np.arange(0, 101, 20.0))  # y = step
+    fine = (np.arange(0, 91, 5.0), np.arange(0, 91, 5.0) + 2)  # y = step + 2, stops earlier
+    assert plot_logs.draw_mean_with_band(ax, [coarse, fine], "red", "-", "two seeds", log_scale=False)
+    steps, mean = ax.lines[0].get_data()
+    assert steps[0] == 0 and steps[-1] == 90  # the range both seeds reached
+    np.testing.assert_allclose(mean, steps + 1)
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].max() == pytest.approx(90 + 1 + math.sqrt(2))  # std (ddof 1) of {x, x + 2}
+    plt.close(fig)
+
+
+def test_moving_average_uses_steps_not_rows():
+    steps = np.array([0.0, 10.0, 20.0, 21.0])
+    averaged = plot_logs.moving_average(steps, np.array([0.0, 1.0, np.nan, 1.0]), tau=10.0)
+    keep = math.exp(-1)
+    assert averaged[1] == pytest.approx(1 - keep)
+    assert averaged[2] == averaged[1]  # an empty field keeps the average
+    assert averaged[3] == pytest.approx(averaged[1] * math.exp(-1.1) + 1 - math.exp(-1.1))
+
+
+def test_a_folder_of_runs_stands_for_its_runs(tmp_path):
+    make_run(tmp_path / "runs" / "a")
+    make_run(tmp_path / "runs" / "b")
+    assert plot_logs.expand_run_dirs([tmp_path / "runs"]) == [
+        tmp_path / "runs" / "a",
+        tmp_path / "runs" / "b",
+    ]
+
+
+def test_output_inside_a_run_folder_needs_into_run(tmp_path):
+    run = make_run(tmp_path / "run", steps=50)
+    with pytest.raises(SystemExit, match="--into-run"):
+        run_main([str(run), "--out", str(run / "plots")])
+    with pytest.raises(SystemExit, match="inside run folder"):
+        run_main([str(run), "--out", str(tmp_path)])  # tmp_path/run/ would be the run folder itself
+    assert not (run / "plots").exists()
+    code, printed = run_main([str(run), "--out", str(run / "plots"), "--into-run"])
+    assert code == 0 and (run / "plots" / "comparison_2x2.png").is_file()
+
+
+def test_no_run_at_all_is_an_error(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    code, printed = run_main(
+        [str(tmp_path / "nothing"), str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    )
+    assert code == 1
+    assert "nothing: no config.json" in printed and "missing: does not exist" in printed
+    assert not (tmp_path / "o").exists()
+
+
+def test_seeds_differing_in_a_hyperparameter_are_flagged(tmp_path, capsys):
+    runs = [make_run(tmp_path / f"s{seed}", g_opt="casmo", seed=seed, steps=40) for seed in (0, 1)]
+    config = json.loads((runs[1] / "config.json").read_text())
+    config["args"]["robustness"] = 0.0
+    (runs[1] / "config.json").write_text(json.dumps(config))
+    loaded = [plot_logs.load_run(run) for run in runs]
+    plot_logs.warn_mixed_hyperparameters(loaded)
+    assert "the runs of casmo_adam differ in robustness" in capsys.readouterr().out
