@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from spec64 import SpecOptimizer
 
 import casmo_ext
 from casmo_ext import CASMO, _kernels
-from spec64 import SpecOptimizer
 
 needs_kernel = pytest.mark.skipif(not casmo_ext.build_info()["cpu_kernel"], reason="casmo_ext._C not built")
 BACKENDS = [pytest.param(True, marks=needs_kernel, id="kernel"), pytest.param(False, id="reference")]
