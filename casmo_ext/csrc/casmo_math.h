@@ -27,23 +27,24 @@ struct Hyper {
   float rel_floor;
 };
 
-// Per-tensor constants of pass 1 (from the step count).
+// Per-tensor constants of both passes, from the step count. Reciprocals (computed in
+// float64) so the per-element work multiplies instead of dividing.
 struct MomentConsts {
-  float bias_correction1;  // 1 - beta1^t
-  float bias_correction2;  // 1 - beta2^t
+  float inv_bias_correction1;  // 1 / (1 - beta1^t)
+  float inv_bias_correction2;  // 1 / (1 - beta2^t)
 };
 
 // Per-tensor constants of pass 2 (from the tensor's mean AGAR).
 struct GateConsts {
-  float agar_mean_plus_eps;  // A + eps
+  float inv_agar_mean_plus_eps;  // 1 / (A + eps)
   float trust_pow;           // (c_min + (1 - c_min) * A) ^ robustness
   float decay;               // 1 - lr * weight_decay
 };
 
 CASMO_HD MomentConsts moment_consts(const Hyper& h, double step) {
   MomentConsts c;
-  c.bias_correction1 = static_cast<float>(1.0 - pow(static_cast<double>(h.beta1), step));
-  c.bias_correction2 = static_cast<float>(1.0 - pow(static_cast<double>(h.beta2), step));
+  c.inv_bias_correction1 = static_cast<float>(1.0 / (1.0 - pow(static_cast<double>(h.beta1), step)));
+  c.inv_bias_correction2 = static_cast<float>(1.0 / (1.0 - pow(static_cast<double>(h.beta2), step)));
   return c;
 }
 
@@ -52,7 +53,7 @@ CASMO_HD GateConsts gate_consts(const Hyper& h, double agar_sum, double n) {
   const double agar_mean = agar_sum / n;
   const double trust = h.c_min + (1.0 - h.c_min) * agar_mean;
   GateConsts c;
-  c.agar_mean_plus_eps = static_cast<float>(agar_mean) + h.eps;
+  c.inv_agar_mean_plus_eps = 1.0f / (static_cast<float>(agar_mean) + h.eps);
   c.trust_pow = static_cast<float>(pow(trust, static_cast<double>(h.robustness)));
   c.decay = 1.0f - h.lr * h.weight_decay;
   return c;
@@ -73,8 +74,8 @@ CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
 // The signal fraction of one coordinate, from the stored moments. Also returns the
 // bias-corrected mean and the reconstructed E[g^2] that pass 2 needs.
 CASMO_HD float agar(float m, float s, const MomentConsts& c, float& m_hat, float& total) {
-  m_hat = m / c.bias_correction1;
-  const float s_hat = s / c.bias_correction2;
+  m_hat = m * c.inv_bias_correction1;
+  const float s_hat = s * c.inv_bias_correction2;
   const float signal = m_hat * m_hat;
   total = signal + s_hat;
   return signal / max_f(total, FLT_MIN);
@@ -83,7 +84,7 @@ CASMO_HD float agar(float m, float s, const MomentConsts& c, float& m_hat, float
 // Pass 2: the gated AdamW update. Returns the new parameter; confidence gets C_i.
 CASMO_HD float apply_update(float p, float m_hat, float total, float agar_i, const Hyper& h,
                             const GateConsts& gc, float& confidence) {
-  const float focus = min_f(max_f(agar_i / gc.agar_mean_plus_eps, h.rel_floor), 1.0f);
+  const float focus = min_f(max_f(agar_i * gc.inv_agar_mean_plus_eps, h.rel_floor), 1.0f);
   confidence = gc.trust_pow * focus;
   return p * gc.decay - h.lr * confidence * m_hat / (sqrtf(total) + h.eps);
 }
