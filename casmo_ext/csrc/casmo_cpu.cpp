@@ -288,7 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     pybind11::dict limits;
     for (const auto& [name, value] : casmo::cuda_launch_limits()) limits[pybind11::str(name)] = value;
     return limits;
-  }, "The CUDA kernels' launch-packing limits (max_tensors, max_blocks, block_size, default_chunk_size)");
+  }, "The CUDA kernels' launch-packing limits and block sizes");
 #ifdef CASMO_WITH_CUDA
   module.def("cuda_step", &casmo::cuda_step, "Step one group's CUDA tensors of one dtype in place");
 #endif

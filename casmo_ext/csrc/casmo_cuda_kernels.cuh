@@ -273,7 +273,6 @@ void for_each_launch(const std::vector<TensorRefs<scalar_t>>& tensors, const Lau
 template <typename scalar_t, int kBlockSize, typename Launcher>
 void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchArgs<scalar_t>& common,
                 double* out, Launcher&& launch) {
-  TORCH_CHECK(common.chunk_size > 0, "casmo: chunk_size must be positive");
   for (const auto& t : tensors)
     TORCH_CHECK(num_chunks(t.numel, common.chunk_size) <= INT32_MAX,
                 "casmo: a tensor of ", t.numel, " elements has too many chunks of ", common.chunk_size);
@@ -313,6 +312,7 @@ at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params
                           const std::optional<at::Tensor>& lr_tensor, const Hyper& hyper,
                           int64_t chunk_size, Launcher&& launch) {
   check_tensor_lists(params, grads, ms, ss, who);
+  TORCH_CHECK(chunk_size > 0, who, ": chunk_size must be positive, got ", chunk_size);
   const size_t n = params.size();
   const bool step_on_device = !step_tensors.empty();
   TORCH_CHECK(step_on_device ? (steps.empty() && step_tensors.size() == n) : steps.size() == n, who,

@@ -40,7 +40,7 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
                               double rel_floor, int64_t chunk_size);
 
 // The launch-packing limits of the CUDA kernels, so tests can exceed them:
-// {"max_tensors", "max_blocks", "block_size", "default_chunk_size"}.
+// {"max_tensors", "max_blocks", "block_size", "emulated_block_size", "default_chunk_size"}.
 std::vector<std::pair<std::string, int64_t>> cuda_launch_limits();
 
 // Checks shared by every backend: equal lengths, one device and dtype, matching
