@@ -1,9 +1,11 @@
 // The CUDA entry point: steps one group's tensors on the current CUDA stream with the
 // kernels of casmo_cuda_kernels.cuh. No host sync, no atomics: bitwise deterministic
 // and capturable in a CUDA graph (step counts and lr read from device tensors).
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda rather than ATen/cuda/CUDAContext.h: the latter pulls in the cuSPARSE and
+// cuBLAS headers, which a bare CUDA toolkit may lack, and nothing here needs them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "casmo_cuda_kernels.cuh"
@@ -37,7 +39,7 @@ at::Tensor cuda_step(const TensorList& params, const TensorList& grads, const Te
                                                rel_floor);
   return cuda_kernels::step_from_aten<cuda_kernels::kCudaBlockSize>(
       who, params, grads, ms, ss, steps, step_tensors, lr, lr_tensor, hyper,
-      cuda_kernels::kDefaultChunkSize, CudaLauncher{at::cuda::getCurrentCUDAStream()});
+      cuda_kernels::kDefaultChunkSize, CudaLauncher{c10::cuda::getCurrentCUDAStream()});
 }
 
 }  // namespace casmo

@@ -287,7 +287,6 @@ void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchAr
          static_cast<const double*>(common.conf_partials), total_chunks(tensors, common.chunk_size), out);
 }
 
-
 inline Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
                         double c_min, double robustness, double rel_floor) {
   return Hyper{static_cast<float>(lr),           static_cast<float>(beta1),
