@@ -279,6 +279,21 @@ at::Tensor cpu_step(const TensorList& params, const TensorList& grads, const Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused CASMO optimizer steps (see casmo_ext.CASMO)";
   module.def("cpu_step", &casmo::cpu_step, "Step one group's CPU tensors of one dtype in place");
+  module.def("cuda_emulated_step", &casmo::cuda_emulated_step,
+             "Run the CUDA kernels on CPU tensors through the emulation header (for tests)",
+             pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("ms"), pybind11::arg("ss"),
+             pybind11::arg("steps"), pybind11::arg("step_tensors"), pybind11::arg("lr"),
+             pybind11::arg("lr_tensor"), pybind11::arg("beta1"), pybind11::arg("beta2"),
+             pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("c_min"),
+             pybind11::arg("robustness"), pybind11::arg("rel_floor"), pybind11::arg("chunk_size"));
+  module.def("cuda_launch_limits", []() {
+    pybind11::dict limits;
+    for (const auto& [name, value] : casmo::cuda_launch_limits()) limits[pybind11::str(name)] = value;
+    return limits;
+  }, "The CUDA kernels' launch-packing limits and block sizes");
+#ifdef CASMO_WITH_CUDA
+  module.def("cuda_step", &casmo::cuda_step, "Step one group's CUDA tensors of one dtype in place");
+#endif
   module.def("built_with_cuda", []() {
 #ifdef CASMO_WITH_CUDA
     return true;

@@ -1,0 +1,167 @@
+"""The real CUDA kernels, through the optimizer (skipped without a GPU), and a check
+that the build compiled them where CI expects it to."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from casmo_ext import CASMO, build_info
+
+needs_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not build_info()["cuda_kernel"], reason="built without the CUDA kernels"),
+]
+
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2e-2, atol=1e-4),
+    torch.float16: dict(rtol=2e-2, atol=1e-4),
+}
+# Sizes around the GPU's chunk (65536) and block (256), and an empty tensor.
+SIZES = [(0,), (1,), (257,), (65535,), (65537,), (3, 70001), (128, 64)]
+
+
+def cuda_test(fn):
+    for mark in needs_cuda:
+        fn = mark(fn)
+    return fn
+
+
+def make_params(dtype, seed=0, sizes=SIZES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(dtype=dtype, device="cuda") for shape in sizes]
+
+
+def make_grads(params, step, seed=0):
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    return [(0.3 + torch.randn(p.shape, generator=gen)).to(dtype=p.dtype, device="cuda") for p in params]
+
+
+def run(optimizer_kwargs, dtype, num_steps=3, seed=0):
+    params = [torch.nn.Parameter(p) for p in make_params(dtype, seed)]
+    optimizer = CASMO(params, **optimizer_kwargs)
+    for step in range(1, num_steps + 1):
+        for p, g in zip(params, make_grads(params, step, seed)):
+            p.grad = g
+        optimizer.step()
+    return params, optimizer
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_matches_reference(dtype):
+    kwargs = dict(lr=1e-2, weight_decay=0.01)
+    fused, fused_opt = run({**kwargs, "fused": True}, dtype)
+    reference, reference_opt = run({**kwargs, "fused": False}, dtype)
+    for p, q in zip(fused, reference):
+        torch.testing.assert_close(p.float(), q.float(), **TOLERANCE[dtype])
+        for key in ("m", "s"):
+            torch.testing.assert_close(
+                fused_opt.state[p][key].float(), reference_opt.state[q][key].float(), **TOLERANCE[dtype]
+            )
+    got, want = fused_opt.group_metrics(), reference_opt.group_metrics()
+    for key in ("agar", "confidence"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@cuda_test
+def test_bitwise_deterministic():
+    first, first_opt = run({"fused": True}, torch.float32)
+    second, second_opt = run({"fused": True}, torch.float32)
+    for p, q in zip(first, second):
+        assert torch.equal(p, q)
+        assert torch.equal(first_opt.state[p]["s"], second_opt.state[q]["s"])
+    assert first_opt.group_metrics() == second_opt.group_metrics()
+
+
+@cuda_test
+def test_no_host_sync_in_step():
+    for capturable in (False, True):
+        params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
+        lr = torch.tensor(1e-3, device="cuda") if capturable else 1e-3
+        optimizer = CASMO(params, lr=lr, capturable=capturable, fused=True)
+        for p, g in zip(params, make_grads(params, 1)):
+            p.grad = g
+        optimizer.step()  # creates the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_test
+def test_capturable_step_in_a_cuda_graph():
+    """A graphed capturable step replays to the same result as eager steps."""
+    lr_value = 2e-3
+    eager = [torch.nn.Parameter(p) for p in make_params(torch.float32, seed=3)]
+    graphed = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    eager_opt = CASMO(eager, lr=torch.tensor(lr_value, device="cuda"), capturable=True, fused=True)
+    lr_tensor = torch.tensor(lr_value, device="cuda")
+    graphed_opt = CASMO(graphed, lr=lr_tensor, capturable=True, fused=True)
+    for p in graphed:
+        p.grad = torch.zeros_like(p)
+
+    # Warm up on a side stream (creates the state), then undo it: the warm-up step's
+    # gradients were zero, but it moved the step counts and moments.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in graphed:
+        state = graphed_opt.state[p]
+        state["step"].zero_()
+        state["m"].zero_()
+        state["s"].zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+
+    for step in range(1, 4):
+        grads = make_grads(eager, step, seed=3)
+        for p, q, g in zip(eager, graphed, grads):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        eager_opt.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager, graphed):
+        assert torch.equal(p, q)
+        assert graphed_opt.state[q]["step"].item() == 3
+
+    # lr is read from its tensor at replay time.
+    lr_tensor.fill_(0.0)
+    before = [q.detach().clone() for q in graphed]
+    graph.replay()
+    for q, old in zip(graphed, before):
+        assert torch.equal(q, old)  # no weight decay and lr 0: nothing moves
+
+
+@cuda_test
+def test_tensor_over_2_pow_31_elements():
+    """int64 indexing: with a constant gradient and zero moments every element gets
+    the same update, so the last elements must match the first ones."""
+    n = 2**31 + 4099
+    if torch.cuda.mem_get_info()[0] < 5 * n * 2:
+        pytest.skip("not enough free GPU memory for four bf16 tensors of 2^31 elements")
+    param = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device="cuda"))
+    param.grad = torch.full_like(param, 0.5)
+    optimizer = CASMO([param], lr=0.25, fused=True)
+    optimizer.step()
+    head, tail = param[:4096], param[-4096:]
+    assert (tail != 1.0).all()
+    assert torch.equal(head, tail)
+    del optimizer, param
+    torch.cuda.empty_cache()
+
+
+def test_cuda_kernel_was_built_where_expected():
+    if os.environ.get("CASMO_EXPECT_CUDA_KERNEL") != "1":
+        pytest.skip("set CASMO_EXPECT_CUDA_KERNEL=1 where the build must include the CUDA kernels")
+    assert build_info()["cuda_kernel"] is True
