@@ -258,10 +258,7 @@ at::Tensor cpu_step(const TensorList& params, const TensorList& grads, const Ten
                     double robustness, double rel_floor) {
   check_tensor_lists(params, grads, ms, ss, "casmo cpu_step");
   TORCH_CHECK(steps.size() == params.size(), "casmo cpu_step: one step count per tensor");
-  const Hyper h{static_cast<float>(lr),           static_cast<float>(beta1),
-                static_cast<float>(beta2),        static_cast<float>(eps),
-                static_cast<float>(weight_decay), static_cast<float>(c_min),
-                static_cast<float>(robustness),   static_cast<float>(rel_floor)};
+  const Hyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor);
   if (params.empty()) return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
   TORCH_CHECK(params[0].device().is_cpu(), "casmo cpu_step: tensors must be on the CPU");
   switch (params[0].scalar_type()) {

@@ -35,7 +35,7 @@ at::Tensor cuda_step(const TensorList& params, const TensorList& grads, const Te
     TORCH_CHECK(p.is_cuda(), who, ": tensors must be on a CUDA device, got ", p.device());
   if (params.empty()) return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const Hyper hyper = cuda_kernels::make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness,
+  const Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness,
                                                rel_floor);
   return cuda_kernels::step_from_aten<cuda_kernels::kCudaBlockSize>(
       who, params, grads, ms, ss, steps, step_tensors, lr, lr_tensor, hyper,

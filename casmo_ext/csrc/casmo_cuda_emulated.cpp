@@ -37,7 +37,7 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
   constexpr const char* who = "casmo cuda_emulated_step";
   for (const at::Tensor& p : params)
     TORCH_CHECK(p.device().is_cpu(), who, ": the emulated CUDA kernels step CPU tensors, got ", p.device());
-  const Hyper hyper = cuda_kernels::make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor);
+  const Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor);
   return cuda_kernels::step_from_aten<kEmulatedBlockSize>(who, params, grads, ms, ss, steps, step_tensors,
                                                           lr, lr_tensor, hyper, chunk_size,
                                                           EmulatedLauncher{});

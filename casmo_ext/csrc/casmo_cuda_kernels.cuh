@@ -287,14 +287,6 @@ void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchAr
          static_cast<const double*>(common.conf_partials), total_chunks(tensors, common.chunk_size), out);
 }
 
-inline Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
-                        double c_min, double robustness, double rel_floor) {
-  return Hyper{static_cast<float>(lr),           static_cast<float>(beta1),
-               static_cast<float>(beta2),        static_cast<float>(eps),
-               static_cast<float>(weight_decay), static_cast<float>(c_min),
-               static_cast<float>(robustness),   static_cast<float>(rel_floor)};
-}
-
 // The whole entry point of a backend, from ATen arguments: validates them (the caller
 // checks the device type), packs the group and runs step_group with `launch`. `who`
 // names the entry point in errors.

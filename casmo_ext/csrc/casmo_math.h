@@ -15,17 +15,41 @@
 
 namespace casmo {
 
-// Hyper-parameters of one parameter group, as float32 scalars.
+// Hyper-parameters of one parameter group: float32 for the per-element arithmetic.
+// 1 - beta and 1 - beta^t are small (1e-3 for beta2 = 0.999), so they are formed in
+// float64: in float32 the cancellation would cost four significant digits.
 struct Hyper {
   float lr;
   float beta1;
   float beta2;
+  float one_minus_beta1;
+  float one_minus_beta2;
   float eps;
   float weight_decay;
   float c_min;
   float robustness;
   float rel_floor;
+  double beta1_f64;
+  double beta2_f64;
 };
+
+inline Hyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay, double c_min,
+                        double robustness, double rel_floor) {
+  Hyper h;
+  h.lr = static_cast<float>(lr);
+  h.beta1 = static_cast<float>(beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.eps = static_cast<float>(eps);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.c_min = static_cast<float>(c_min);
+  h.robustness = static_cast<float>(robustness);
+  h.rel_floor = static_cast<float>(rel_floor);
+  h.beta1_f64 = beta1;
+  h.beta2_f64 = beta2;
+  return h;
+}
 
 // Per-tensor constants of both passes, from the step count. Reciprocals (computed in
 // float64) so the per-element work multiplies instead of dividing.
@@ -43,8 +67,8 @@ struct GateConsts {
 
 CASMO_HD MomentConsts moment_consts(const Hyper& h, double step) {
   MomentConsts c;
-  c.inv_bias_correction1 = static_cast<float>(1.0 / (1.0 - pow(static_cast<double>(h.beta1), step)));
-  c.inv_bias_correction2 = static_cast<float>(1.0 / (1.0 - pow(static_cast<double>(h.beta2), step)));
+  c.inv_bias_correction1 = static_cast<float>(1.0 / (1.0 - pow(h.beta1_f64, step)));
+  c.inv_bias_correction2 = static_cast<float>(1.0 / (1.0 - pow(h.beta2_f64, step)));
   return c;
 }
 
@@ -67,8 +91,8 @@ CASMO_HD float min_f(float a, float b) { return a < b ? a : b; }
 // previous mean, before m moves.
 CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
   const float d = g - m;
-  m = h.beta1 * m + (1.0f - h.beta1) * g;
-  s = h.beta2 * s + (1.0f - h.beta2) * (d * d);
+  m = h.beta1 * m + h.one_minus_beta1 * g;
+  s = h.beta2 * s + h.one_minus_beta2 * (d * d);
 }
 
 // The signal fraction of one coordinate, from the stored moments. Also returns the
