@@ -267,3 +267,16 @@ def test_spread_subset_takes_every_class_in_turn():
     assert len(set(picked)) == 12 and picked == train_dcgan.spread_subset(groups, 12, seed=0)
     counts = [sum(item[0] == c for item in picked) for c in "abc"]
     assert counts == [5, 2, 5]
+
+
+def test_folder_dataset_is_decoded_once_and_cached(tmp_path):
+    folder = make_fake_tinyimagenet(tmp_path / "data") / "train"
+    Image.new("L", (80, 50)).save(folder / "wide_gray.png")  # resized and centre-cropped to 64x64
+    args = train_dcgan.build_parser().parse_args(["--dataset", "folder", "--data-root", str(folder)])
+    args.subset = 81
+    images = train_dcgan.load_images(args)
+    assert images.shape == (81, 3, 64, 64) and images.dtype == torch.uint8
+    assert (folder / "cache" / "folder-81-s0.pt").is_file()
+    for wnid in WNIDS:  # a second load reads only the cache
+        shutil.rmtree(folder / wnid)
+    assert torch.equal(train_dcgan.load_images(args), images)
