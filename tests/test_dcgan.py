@@ -207,6 +207,16 @@ def write_fake_run(folder: Path, checkpoint_bytes: bytes | None = None, payload:
     return folder
 
 
+def fails_in_process(capsys, argv, phrase):
+    """Bad input ends in SystemExit with a message (no other exception, so no traceback);
+    checked in-process because starting Python with torch is the slow part of a run."""
+    with pytest.raises(SystemExit) as stopped:
+        train_dcgan.main([str(arg) for arg in argv])
+    assert stopped.value.code not in (None, 0)
+    message = capsys.readouterr().err + str(stopped.value.code)  # argparse prints; sys.exit carries it
+    assert phrase in message, message
+
+
 @pytest.mark.parametrize(
     "case, arguments, phrase",
     [
@@ -221,20 +231,21 @@ def write_fake_run(folder: Path, checkpoint_bytes: bytes | None = None, payload:
         ("bad label range", ["--dataset", "shapes", "--real-label-range", "1.0", "0.7"], "LO <= HI"),
     ],
 )
-def test_bad_arguments(case, arguments, phrase, tmp_path):
-    check_fails(run(*arguments, "--out", tmp_path / "run"), phrase)
+def test_bad_arguments(case, arguments, phrase, tmp_path, capsys):
+    fails_in_process(capsys, [*arguments, "--out", tmp_path / "run"], phrase)
 
 
-def test_bad_resume_folders(tmp_path):
+def test_bad_resume_folders(tmp_path, capsys):
     plain = tmp_path / "plain"
     plain.mkdir()
-    check_fails(run("--resume", plain), "not a run folder")
-    check_fails(
-        run("--resume", write_fake_run(tmp_path / "corrupt", b"\x00garbage")), "cannot read checkpoint"
-    )
+    fails_in_process(capsys, ["--resume", plain], "not a run folder")
+    corrupt = write_fake_run(tmp_path / "corrupt", b"\x00garbage")
+    fails_in_process(capsys, ["--resume", corrupt], "cannot read checkpoint")
     foreign = write_fake_run(tmp_path / "foreign", payload={"kind": "toy2d", "step": 3})
-    check_fails(run("--resume", foreign), "is not a checkpoint of the run")
-    check_fails(run("--resume", foreign, "--lr-g", "1e-3"), "--lr-g cannot change when resuming")
+    fails_in_process(capsys, ["--resume", foreign], "is not a checkpoint of the run")
+    fails_in_process(capsys, ["--resume", foreign, "--lr-g", "1e-3"], "--lr-g cannot change when resuming")
+    # The same, as a user meets it: a short message and no traceback.
+    check_fails(run("--resume", corrupt), "cannot read checkpoint")
 
 
 def test_shapes_are_seeded_rgb_images():
