@@ -1,0 +1,293 @@
+"""train_dcgan.py end to end (as a subprocess, on tiny data) and its pieces."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the training scripts live at the repository root
+
+import train_dcgan  # noqa: E402
+
+WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900", "n01698640"]
+IMAGES_PER_CLASS = 16
+# Nothing listens on port 9 (discard): the download fails at once, with no internet touched.
+OFFLINE = {"CASMO_TINYIMAGENET_URL": "http://127.0.0.1:9/tiny-imagenet-200.zip"}
+
+
+def run(*args, env=None, timeout=300):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_dcgan.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def check_ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def check_fails(result, *phrases):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    return result
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def make_fake_tinyimagenet(data_root: Path) -> Path:
+    """The official layout, in miniature; every third image is grayscale ('L')."""
+    folder = data_root / "tiny-imagenet-200"
+    generator = torch.Generator().manual_seed(0)
+    for wnid in WNIDS:
+        images = folder / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        boxes = []
+        for k in range(IMAGES_PER_CLASS):
+            pixels = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()
+            image = Image.fromarray(pixels)
+            if k % 3 == 0:
+                image = image.convert("L")
+            image.save(images / f"{wnid}_{k}.JPEG", format="JPEG")
+            boxes.append(f"{wnid}_{k}.JPEG\t0\t0\t63\t63")
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("\n".join(boxes) + "\n")
+    (folder / "val" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "val" / "images" / "val_0.JPEG", format="JPEG")
+    (folder / "val" / "val_annotations.txt").write_text(f"val_0.JPEG\t{WNIDS[0]}\t0\t0\t63\t63\n")
+    (folder / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    (folder / "words.txt").write_text("".join(f"{wnid}\tthing {i}\n" for i, wnid in enumerate(WNIDS)))
+    return folder
+
+
+@pytest.fixture
+def fake_data(tmp_path) -> Path:
+    data_root = tmp_path / "data"
+    make_fake_tinyimagenet(data_root)
+    return data_root
+
+
+def test_tinyimagenet_run_writes_everything(fake_data, tmp_path):
+    out = tmp_path / "run"
+    check_ok(run("--data-root", fake_data, "--g-opt", "casmo", "--d-opt", "adam", "--bs", 16, "--epochs", 1,
+                 "--subset", 64, "--log-every", 1, "--out", out))  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["script"] == "train_dcgan.py" and config["args"]["g_opt"] == "casmo"
+    rows = read_csv(out / "log.csv")
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4]
+    assert all(row["agar_g"] and row["conf_g"] and not row["agar_d"] and not row["conf_d"] for row in rows)
+    assert all(0 < float(row["d_x"]) < 1 and float(row["steps_per_sec"]) > 0 for row in rows)
+    (quality,) = read_csv(out / "quality.csv")
+    assert quality["epoch"] == "1" and quality["step"] == "4" and float(quality["diversity_ratio"]) > 0
+    assert (out / "samples" / "epoch_001.png").is_file() and (out / "samples" / "final.png").is_file()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]) == (4, 1, 0)
+
+    cache = torch.load(fake_data / "cache" / "tinyimagenet-64-s0.pt", weights_only=True)
+    assert cache["images"].shape == (64, 3, 64, 64) and cache["images"].dtype == torch.uint8
+    classes = [source.split("/")[1] for source in cache["sources"]]
+    assert sorted(set(classes)) == WNIDS  # spread over all classes, not the first ones
+    assert max(map(classes.count, WNIDS)) - min(map(classes.count, WNIDS)) <= 1
+
+    # --data-root may also name the tiny-imagenet-200 folder itself.
+    inner = fake_data / "tiny-imagenet-200"
+    check_ok(run("--data-root", inner, "--subset", 32, "--max-steps", 1, "--out", tmp_path / "inner"))
+    assert (inner / "cache" / "tinyimagenet-32-s0.pt").is_file()
+
+
+def test_resume_continues_exactly(fake_data, tmp_path):
+    common = [
+        "--data-root",
+        fake_data,
+        "--g-opt",
+        "casmo",
+        "--d-opt",
+        "adam",
+        "--subset",
+        32,
+        "--log-every",
+        1,
+    ]
+    check_ok(run(*common, "--epochs", 1, "--out", tmp_path / "split"))
+    # Later runs read the cached tensor only: the JPEGs can go.
+    shutil.rmtree(fake_data / "tiny-imagenet-200")
+    check_ok(run("--resume", tmp_path / "split", "--epochs", 2))
+    check_ok(run(*common, "--epochs", 2, "--out", tmp_path / "whole"))
+
+    assert [int(row["step"]) for row in read_csv(tmp_path / "split" / "log.csv")] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in read_csv(tmp_path / "split" / "quality.csv")] == ["1", "2"]
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    assert split["step"] == whole["step"] == 4
+    for key in ("generator", "discriminator"):
+        for name, tensor in whole[key].items():
+            assert torch.equal(split[key][name], tensor), f"{key}.{name}"
+    for key in ("opt_g", "opt_d"):
+        for index, state in whole[key]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(split[key]["state"][index][name]), torch.as_tensor(value))
+    assert read_csv(tmp_path / "split" / "quality.csv") == read_csv(tmp_path / "whole" / "quality.csv")
+
+
+def test_ctrl_c_saves_and_resume_matches(tmp_path):
+    common = ["--dataset", "shapes", "--subset", 32, "--epochs", 2, "--log-every", 1]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    split = tmp_path / "split"
+    command = [sys.executable, str(ROOT / "train_dcgan.py"), *map(str, common), "--out", str(split)]
+    process = subprocess.Popen(
+        command, env=environment, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while not (split / "log.csv").is_file() or not read_csv(split / "log.csv"):  # wait for step 1
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and b"Traceback" not in stderr
+    stopped = torch.load(split / "checkpoint.pt", weights_only=False)
+    assert 1 <= stopped["step"] < 4
+
+    check_ok(run("--resume", split))
+    check_ok(run(*common, "--out", tmp_path / "whole"))
+    assert [int(row["step"]) for row in read_csv(split / "log.csv")] == [1, 2, 3, 4]
+    split_state = torch.load(split / "checkpoint.pt", weights_only=False)["generator"]
+    whole_state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["generator"]
+    for name, tensor in whole_state.items():
+        assert torch.equal(split_state[name], tensor), name
+
+
+def test_missing_data_offline_fails_with_a_short_message(tmp_path):
+    result = check_fails(
+        run("--data-root", tmp_path / "empty", "--out", tmp_path / "run"), "--dataset shapes"
+    )
+    assert "tiny-imagenet-200" in result.stderr and len(result.stderr) < 1500
+    assert not (tmp_path / "empty" / "tiny-imagenet-200.zip.part").exists()
+
+
+def test_damaged_dataset_folders(fake_data, tmp_path):
+    folder = fake_data / "tiny-imagenet-200"
+    (folder / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_1.JPEG").write_bytes(b"not a jpeg")
+    check_fails(run("--data-root", fake_data, "--subset", 80, "--out", tmp_path / "a"), "cannot read image")
+    shutil.rmtree(folder / "train" / WNIDS[2])
+    check_fails(
+        run("--data-root", fake_data, "--out", tmp_path / "b"), "not a complete Tiny ImageNet", WNIDS[2]
+    )
+
+
+def write_fake_run(folder: Path, checkpoint_bytes: bytes | None = None, payload: dict | None = None) -> Path:
+    args = train_dcgan.build_parser().parse_args(
+        ["--dataset", "shapes", "--subset", "32", "--out", str(folder)]
+    )
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"script": "train_dcgan.py", "args": vars(args)}))
+    if checkpoint_bytes is not None:
+        (folder / "checkpoint.pt").write_bytes(checkpoint_bytes)
+    if payload is not None:
+        torch.save(payload, folder / "checkpoint.pt")
+    return folder
+
+
+def fails_in_process(capsys, argv, phrase):
+    """Bad input ends in SystemExit with a message (no other exception, so no traceback);
+    checked in-process because starting Python with torch is the slow part of a run."""
+    with pytest.raises(SystemExit) as stopped:
+        train_dcgan.main([str(arg) for arg in argv])
+    assert stopped.value.code not in (None, 0)
+    message = capsys.readouterr().err + str(stopped.value.code)  # argparse prints; sys.exit carries it
+    assert phrase in message, message
+
+
+@pytest.mark.parametrize(
+    "case, arguments, phrase",
+    [
+        ("unknown optimizer", ["--g-opt", "sgd"], "invalid choice"),
+        ("zero batch", ["--bs", "0"], "must be a positive integer"),
+        ("negative subset", ["--subset", "-5"], "must be a positive integer"),
+        (
+            "amp on the cpu",
+            ["--dataset", "shapes", "--device", "cpu", "--amp", "bf16"],
+            "needs a CUDA device",
+        ),
+        ("bad label range", ["--dataset", "shapes", "--real-label-range", "1.0", "0.7"], "LO <= HI"),
+    ],
+)
+def test_bad_arguments(case, arguments, phrase, tmp_path, capsys):
+    fails_in_process(capsys, [*arguments, "--out", tmp_path / "run"], phrase)
+
+
+def test_bad_resume_folders(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    fails_in_process(capsys, ["--resume", plain], "not a run folder")
+    corrupt = write_fake_run(tmp_path / "corrupt", b"\x00garbage")
+    fails_in_process(capsys, ["--resume", corrupt], "cannot read checkpoint")
+    foreign = write_fake_run(tmp_path / "foreign", payload={"kind": "toy2d", "step": 3})
+    fails_in_process(capsys, ["--resume", foreign], "is not a checkpoint of the run")
+    fails_in_process(capsys, ["--resume", foreign, "--lr-g", "1e-3"], "--lr-g cannot change when resuming")
+    # The same, as a user meets it: a short message and no traceback.
+    check_fails(run("--resume", corrupt), "cannot read checkpoint")
+
+
+def test_shapes_are_seeded_rgb_images():
+    images = train_dcgan.make_shapes(40, seed=3)
+    assert images.shape == (40, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(images, train_dcgan.make_shapes(40, seed=3))
+    assert not torch.equal(images, train_dcgan.make_shapes(40, seed=4))
+    assert (images[:, 0] != images[:, 1]).any()  # colour, not gray
+
+
+def test_model_shapes():
+    generator, discriminator = train_dcgan.Generator(), train_dcgan.Discriminator(dropout=0.3)
+    fake = generator(torch.randn(2, train_dcgan.NZ, 1, 1))
+    assert fake.shape == (2, 3, 64, 64) and fake.abs().max() <= 1
+    assert discriminator(fake).shape == (2,)
+    assert sum(p.numel() for p in generator.parameters()) == 3_576_704  # the PyTorch example's G
+
+
+def test_diversity_ratio_flags_collapse():
+    real = train_dcgan.to_unit(train_dcgan.make_shapes(256, seed=1))
+    other = train_dcgan.to_unit(train_dcgan.make_shapes(256, seed=2))
+    assert 0.9 < train_dcgan.diversity_ratio(other, real) < 1.1
+    collapsed = other[:1] + 0.01 * torch.randn(256, 3, 64, 64)
+    assert train_dcgan.diversity_ratio(collapsed, real) < 0.1
+
+
+def test_spread_subset_takes_every_class_in_turn():
+    groups = [[f"{c}{i}" for i in range(n)] for c, n in zip("abc", (10, 2, 10))]
+    picked = train_dcgan.spread_subset(groups, 12, seed=0)
+    assert len(set(picked)) == 12 and picked == train_dcgan.spread_subset(groups, 12, seed=0)
+    counts = [sum(item[0] == c for item in picked) for c in "abc"]
+    assert counts == [5, 2, 5]
+
+
+def test_folder_dataset_is_decoded_once_and_cached(tmp_path):
+    folder = make_fake_tinyimagenet(tmp_path / "data") / "train"
+    Image.new("L", (80, 50)).save(folder / "wide_gray.png")  # resized and centre-cropped to 64x64
+    args = train_dcgan.build_parser().parse_args(["--dataset", "folder", "--data-root", str(folder)])
+    args.subset = 81
+    images = train_dcgan.load_images(args)
+    assert images.shape == (81, 3, 64, 64) and images.dtype == torch.uint8
+    assert (folder / "cache" / "folder-81-s0.pt").is_file()
+    for wnid in WNIDS:  # a second load reads only the cache
+        shutil.rmtree(folder / wnid)
+    assert torch.equal(train_dcgan.load_images(args), images)
