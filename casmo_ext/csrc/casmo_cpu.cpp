@@ -4,7 +4,7 @@
 // ones) so that each tensor's AGAR sum is added up in the same order whatever the
 // thread count: the result is deterministic and independent of torch.set_num_threads.
 // A small tensor runs both passes back to back on one thread while it is in cache; a
-// large one runs pass 1 over all its chunks, then its mean, then pass 2.
+// large one runs pass 1 over all its chunks, then its mean, then pass 2 in reverse.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -144,7 +144,6 @@ struct Item {
   int64_t tensor;
   int64_t begin;
   int64_t end;
-  bool whole;
 };
 
 // Splits items into contiguous runs of about equal element count, one per thread.
@@ -174,52 +173,55 @@ template <typename scalar_t>
 at::Tensor step_impl(const TensorList& params, const TensorList& grads, const TensorList& ms,
                      const TensorList& ss, const std::vector<double>& steps, const Hyper& h) {
   const Passes<scalar_t> pass = passes<scalar_t>();
-  const int64_t num_tensors = static_cast<int64_t>(params.size());
-  std::vector<MomentConsts> moment(num_tensors);
-  std::vector<GateConsts> gate(num_tensors);
-  std::vector<double> agar_sum(num_tensors, 0.0), conf_sum(num_tensors, 0.0);
-  std::vector<Item> first, chunks;
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    moment[t] = moment_consts(h, steps[t]);
-    const int64_t n = params[t].numel();
-    if (n == 0) continue;
-    if (n <= kSmallTensor) {
-      first.push_back({t, 0, n, true});
-    } else {
-      for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk), false});
-    }
-  }
-  first.insert(first.end(), chunks.begin(), chunks.end());
-  std::vector<double> item_agar(first.size(), 0.0), item_conf(first.size(), 0.0);
   auto ptr = [](const at::Tensor& x, int64_t offset) { return x.data_ptr<scalar_t>() + offset; };
-
-  parallel_over_items(first, [&](const Item& it, int64_t k) {
-    const int64_t n = it.end - it.begin;
-    const int64_t t = it.tensor;
-    item_agar[k] = pass.moments(ptr(grads[t], it.begin), ptr(ms[t], it.begin), ptr(ss[t], it.begin), n, h,
-                                moment[t]);
-    if (it.whole) {  // still in cache: finish the tensor now
-      const GateConsts gc = gate_consts(h, item_agar[k], static_cast<double>(n));
-      item_conf[k] = pass.update(ptr(params[t], 0), ptr(ms[t], 0), ptr(ss[t], 0), n, h, moment[t], gc);
+  std::vector<Item> small;
+  std::vector<int64_t> large;
+  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
+    const int64_t n = params[t].numel();
+    if (n > kSmallTensor) {
+      large.push_back(t);
+    } else if (n > 0) {
+      small.push_back({t, 0, n});
     }
-  });
-  // Each large tensor's AGAR sum, chunk by chunk in order.
-  const size_t num_whole = first.size() - chunks.size();
-  for (size_t k = num_whole; k < first.size(); ++k) agar_sum[first[k].tensor] += item_agar[k];
-  for (size_t k = num_whole; k < first.size(); ++k) {
-    const int64_t t = first[k].tensor;
-    if (first[k].begin == 0) gate[t] = gate_consts(h, agar_sum[t], static_cast<double>(params[t].numel()));
   }
-  parallel_over_items(chunks, [&](const Item& it, int64_t k) {
-    const int64_t t = it.tensor;
-    item_conf[num_whole + k] = pass.update(ptr(params[t], it.begin), ptr(ms[t], it.begin),
-                                           ptr(ss[t], it.begin), it.end - it.begin, h, moment[t], gate[t]);
-  });
-
   double total_agar = 0.0, total_conf = 0.0;
-  for (size_t k = 0; k < first.size(); ++k) {
-    total_agar += item_agar[k];
-    total_conf += item_conf[k];
+
+  // Small tensors: both passes back to back on one thread, while the tensor is in cache.
+  std::vector<double> small_agar(small.size()), small_conf(small.size());
+  parallel_over_items(small, [&](const Item& it, int64_t k) {
+    const int64_t t = it.tensor, n = it.end;
+    const MomentConsts mc = moment_consts(h, steps[t]);
+    small_agar[k] = pass.moments(ptr(grads[t], 0), ptr(ms[t], 0), ptr(ss[t], 0), n, h, mc);
+    const GateConsts gc = gate_consts(h, small_agar[k], static_cast<double>(n));
+    small_conf[k] = pass.update(ptr(params[t], 0), ptr(ms[t], 0), ptr(ss[t], 0), n, h, mc, gc);
+  });
+  for (size_t k = 0; k < small.size(); ++k) {
+    total_agar += small_agar[k];
+    total_conf += small_conf[k];
+  }
+
+  // Large tensors one at a time, split into chunks across threads: pass 1 runs forwards,
+  // pass 2 backwards, so pass 2 starts on the chunks pass 1 has just left in cache.
+  for (const int64_t t : large) {
+    const int64_t n = params[t].numel();
+    std::vector<Item> chunks;
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+    std::vector<double> chunk_agar(chunks.size()), chunk_conf(chunks.size());
+    const MomentConsts mc = moment_consts(h, steps[t]);
+    parallel_over_items(chunks, [&](const Item& it, int64_t k) {
+      chunk_agar[k] = pass.moments(ptr(grads[t], it.begin), ptr(ms[t], it.begin), ptr(ss[t], it.begin),
+                                   it.end - it.begin, h, mc);
+    });
+    double agar_sum = 0.0;
+    for (const double partial : chunk_agar) agar_sum += partial;  // in chunk order: deterministic
+    const GateConsts gc = gate_consts(h, agar_sum, static_cast<double>(n));
+    std::reverse(chunks.begin(), chunks.end());
+    parallel_over_items(chunks, [&](const Item& it, int64_t k) {
+      chunk_conf[k] = pass.update(ptr(params[t], it.begin), ptr(ms[t], it.begin), ptr(ss[t], it.begin),
+                                  it.end - it.begin, h, mc, gc);
+    });
+    total_agar += agar_sum;
+    for (const double partial : chunk_conf) total_conf += partial;
   }
   return at::tensor({total_agar, total_conf}, at::TensorOptions().dtype(at::kDouble));
 }
