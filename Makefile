@@ -33,8 +33,17 @@ $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 test: install
 	$(PY) -m pytest -q
 
+# The main job, small: the semicircle GAN with CASMO and with Adam on both networks, a
+# short DCGAN run on the built-in shapes data, then the figures and the summary table.
+# Each demo writes a new folder, so nothing from an earlier one is overwritten.
+DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
-	$(PY) -c "print('demo: not yet wired')"
+	$(PY) train_toy2d.py --g-opt adam --d-opt adam --epochs 40 --out $(DEMO)/toy2d-adam_adam-s0
+	$(PY) train_toy2d.py --g-opt casmo --d-opt casmo --epochs 40 --out $(DEMO)/toy2d-casmo_casmo-s0
+	$(PY) train_dcgan.py --dataset shapes --subset 2048 --g-opt casmo --d-opt casmo --max-steps 300 \
+		--log-every 10 --sample-every 100 --data-root data --out $(DEMO)/dcgan-shapes-casmo_casmo-s0
+	$(PY) plot_logs.py $(DEMO) --out $(DEMO)/plots
+	@echo "demo: runs, sample grids, figures and summary.md in $(DEMO)"
 
 bench: install
 	$(PY) -m casmo_ext.bench

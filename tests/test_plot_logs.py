@@ -9,6 +9,9 @@ import csv
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +443,30 @@ def test_seeds_differing_in_a_hyperparameter_are_flagged(tmp_path, capsys):
     loaded = [plot_logs.load_run(run) for run in runs]
     plot_logs.warn_mixed_hyperparameters(loaded)
     assert "the runs of casmo_adam differ in robustness" in capsys.readouterr().out
+
+
+def test_figures_and_summary_from_real_short_runs_of_both_scripts(tmp_path):
+    """The format contract holds for what the training scripts really write."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    commands = [
+        ["train_toy2d.py", "--epochs", "2", "--points", "512", "--bs", "64", "--eval-every", "1"]
+        + ["--log-every", "1", "--g-opt", "casmo", "--d-opt", "adam", "--out", str(tmp_path / "toy")],
+        ["train_dcgan.py", "--dataset", "shapes", "--subset", "64", "--bs", "16", "--epochs", "1"]
+        + ["--log-every", "1", "--g-opt", "adam", "--d-opt", "casmo", "--data-root", str(tmp_path / "data")]
+        + ["--out", str(tmp_path / "dcgan")],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "plots"
+    code, printed = run_main([str(tmp_path / "toy"), str(tmp_path / "dcgan"), "--out", str(out)])
+    assert code == 0, printed
+    for run, extra in (("toy", ["scatter.png", "quality_plot.png"]), ("dcgan", ["quality_plot.png"])):
+        for name in ["loss_plot.png", "score_plot.png", "optimizer_plot.png", "grad_norm_plot.png", *extra]:
+            assert is_png(out / run / name), f"{run}/{name}"
+    rows = {(row["scope"], row["name"]): row for row in summary_rows(out)}
+    toy, dcgan = rows[("run", "toy")], rows[("run", "dcgan")]
+    assert float(toy["rows"]) == 16 and float(dcgan["rows"]) == 4
+    assert 0.0 <= float(toy["on_support_final"]) <= 1.0
+    assert float(dcgan["diversity_ratio_final"]) > 0
