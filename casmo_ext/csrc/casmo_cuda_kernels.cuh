@@ -35,7 +35,7 @@ namespace cuda_kernels {
 constexpr int kMaxTensors = 32;   // tensors per launch; a block's tensor index is a uint8
 constexpr int kMaxBlocks = 320;   // chunks (= blocks) per launch
 constexpr int64_t kDefaultChunkSize = 65536;  // elements per block on a real GPU
-constexpr int kCudaBlockSize = 256;           // threads per block (a power of two)
+constexpr int kCudaBlockSize = 512;           // threads per block (a power of two)
 
 // A tensor's step count after this step: a host value, or (capturable) a pointer to a
 // float32 on the device, read inside the kernel so a CUDA graph replays correctly.
