@@ -17,23 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gan_common
 import plot_logs
+import train_dcgan
 
-LOG_COLUMNS = [
-    "step",
-    "epoch",
-    "loss_d",
-    "loss_g",
-    "d_x",
-    "d_g_z",
-    "agar_g",
-    "conf_g",
-    "agar_d",
-    "conf_d",
-    "grad_norm_g",
-    "grad_norm_d",
-    "steps_per_sec",
-]
+LOG_COLUMNS = [*gan_common.LOG_COLUMNS, "steps_per_sec"]
 PER_RUN_FIGURES = ["loss_plot.png", "score_plot.png", "optimizer_plot.png", "grad_norm_plot.png"]
 COMPARE_FIGURES = ["compare_loss.png", "compare_scores.png", "compare_grad_norm.png", "comparison_2x2.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,16 +73,7 @@ def make_run(
         write_csv(folder / "real.csv", ["x", "y"], {"x": points[:, 0], "y": points[:, 1]})
         write_csv(folder / "generated.csv", ["x", "y"], {"x": points[:, 0] * 0.8, "y": points[:, 1] * 0.8})
     else:
-        names = [
-            "epoch",
-            "step",
-            "loss_d_mean",
-            "loss_g_mean",
-            "d_x_mean",
-            "d_g_z_mean",
-            "diversity_ratio",
-            "d_dominated_share",
-        ]
+        names = train_dcgan.QUALITY_COLUMNS
         write_csv(
             folder / "quality.csv",
             names,
