@@ -14,7 +14,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench lint install
+.PHONY: demo test bench throughput lint install
 
 install: $(VENV)/.built
 
@@ -47,6 +47,17 @@ demo: install
 
 bench: install
 	$(PY) -m casmo_ext.bench
+
+# Steps/second of the four DCGAN configurations at batch 16 on the built-in shapes
+# data (the median over logged steps, in summary.md). Run it alone on the machine.
+THROUGHPUT := runs/throughput-$(shell date +%Y%m%d-%H%M%S)
+throughput: install
+	for config in adam_adam casmo_adam adam_casmo casmo_casmo; do \
+		$(PY) train_dcgan.py --dataset shapes --subset 1024 --bs 16 --max-steps 120 --log-every 10 \
+			--g-opt $${config%_*} --d-opt $${config#*_} --data-root data --out $(THROUGHPUT)/dcgan-$$config \
+			|| exit 1; \
+	done
+	$(PY) plot_logs.py $(THROUGHPUT) --out $(THROUGHPUT)/plots
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
