@@ -674,12 +674,11 @@ def train(args: argparse.Namespace) -> None:
         g_net = DistributedDataParallel(generator, device_ids=device_ids, forward_sync_buffers=False)
         d_net = DistributedDataParallel(discriminator, device_ids=device_ids, forward_sync_buffers=False)
 
+    epoch_start_order_state = data_order.get_state()
     if is_main:
         (run_dir / "samples").mkdir(exist_ok=True)
-    epoch_start_order_state = data_order.get_state()
-    # Rows past the checkpoint's step (all of them in a fresh run over one that died before
-    # its first checkpoint) are dropped: they will be logged again.
-    if is_main:
+        # Rows past the checkpoint's step (all of them in a fresh run over one that died before
+        # its first checkpoint) are dropped: they will be logged again.
         log = gan_common.CSVLog(
             run_dir / "log.csv",
             gan_common.LOG_COLUMNS + LOG_EXTRA_COLUMNS,
@@ -688,6 +687,7 @@ def train(args: argparse.Namespace) -> None:
         quality_log = gan_common.CSVLog(run_dir / "quality.csv", QUALITY_COLUMNS, resume_after_step=step)
 
     def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
+        """A copy summed over ranks, on the device (NCCL's all-reduce takes device tensors)."""
         if not distributed:
             return values
         total = values.clone()
@@ -932,16 +932,16 @@ def train(args: argparse.Namespace) -> None:
     if distributed:
         check_replicas([generator, discriminator], run_dir, rank, world_size, control_group)
     stopped_by = agreed_stop_signal()
-    if not is_main:
-        sys.exit(128 + stopped_by if stopped_by else 0)
     if stopped_by:
-        launcher = f"torchrun --nproc_per_node {world_size}" if distributed else "python"
-        print(f"stopped at step {step}; continue with: {launcher} {SCRIPT} --resume {run_dir}")
+        if is_main:
+            launcher = f"torchrun --nproc_per_node {world_size}" if distributed else "python"
+            print(f"stopped at step {step}; continue with: {launcher} {SCRIPT} --resume {run_dir}")
         sys.exit(128 + stopped_by)
-    print(
-        f"done: {step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
-        "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
-    )
+    if is_main:
+        print(
+            f"done: {step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
+            "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
