@@ -138,8 +138,13 @@ def environment() -> dict:
     }
 
 
-def write_config(run_dir: Path, script: str, args: argparse.Namespace, device: torch.device) -> None:
-    config = {"script": script, "args": vars(args), "device": str(device), "environment": environment()}
+def write_config(
+    run_dir: Path, script: str, args: argparse.Namespace, device: torch.device, extra: dict | None = None
+) -> None:
+    """config.json: the arguments, the device, `extra` (facts of the run beyond its arguments)
+    and the environment."""
+    config = {"script": script, "args": vars(args), "device": str(device), **(extra or {})}
+    config["environment"] = environment()
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
 
 

@@ -5,15 +5,19 @@ over all 200 classes, batch 16, lr 2e-4, betas (0.5, 0.999), real label 0.9, 50 
     python train_dcgan.py --g-opt casmo --d-opt adam
     python train_dcgan.py --dataset shapes --subset 2048 --max-steps 400   # offline demo
     python train_dcgan.py --resume runs/dcgan-tinyimagenet-casmo_adam-s0 --epochs 80
+    torchrun --nproc_per_node 4 train_dcgan.py --g-opt casmo --d-opt casmo   # 4 GPUs, DDP
 
 A run folder holds config.json, log.csv (every --log-every steps), quality.csv (one row
-per epoch), samples/*.png (8x8 grids of one fixed noise batch) and checkpoint.pt.
+per epoch), samples/*.png (8x8 grids of one fixed noise batch) and checkpoint.pt; a run
+under torchrun also writes replicas.json (whether all processes ended with the same weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -26,9 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -100,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast on CUDA")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: BatchNorm statistics over the global batch, not each process's",
+    )
     stabilisers = parser.add_argument_group("stabilisers (the benchmark uses none but --label-smooth 0.9)")
     stabilisers.add_argument(
         "--label-smooth", type=label_range, default=0.9, help="D's target for real images"
@@ -450,7 +461,9 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     unset = object()
     probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     given = {name: value for name, value in vars(probe).items() if value is not unset}
-    saved = argparse.Namespace(**config["args"])
+    # Options added since the run started take their defaults.
+    defaults = {name: parser.get_default(name) for name in vars(args)}
+    saved = argparse.Namespace(**{**defaults, **config["args"]})
     for name, value in given.items():
         if name in RESUME_OVERRIDABLE:
             setattr(saved, name, value)
@@ -478,6 +491,56 @@ def check_args(args: argparse.Namespace, device: torch.device) -> None:
             raise BadRun(f"{option} LO HI needs LO <= HI, got {bounds[0]} {bounds[1]}")
 
 
+# ---------------------------------------------------------------------------------------
+# Several processes: torchrun starts one per device and sets WORLD_SIZE, RANK and LOCAL_RANK.
+# A plain `python train_dcgan.py` is one process with no process group and no DDP wrapper.
+
+
+def join_processes(args: argparse.Namespace) -> tuple[torch.device, int, int, dist.ProcessGroup | None]:
+    """The device, this process's rank and the world size. Under torchrun it also joins the
+    process group (NCCL on GPUs, gloo on the CPU) and returns a gloo group for the small
+    host-side exchanges (stop flags, RNG states, checksums), which so need no device sync."""
+    device = gan_common.pick_device(args.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device, 0, 1, None
+    if device.type == "cuda":
+        if device.index is not None:
+            raise BadRun(
+                f"--device {args.device} names one GPU; under torchrun each process takes "
+                "cuda:LOCAL_RANK, so pass --device cuda or auto"
+            )
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif args.sync_bn:
+        raise BadRun("--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world_size, dist.new_group(backend="gloo")
+
+
+def check_replicas(
+    modules: list[nn.Module], run_dir: Path, rank: int, world_size: int, group: dist.ProcessGroup
+) -> None:
+    """Rank 0 gathers a checksum of every rank's parameters and writes replicas.json. DDP
+    averages the gradients before each step, so identical replicas show that every rank's
+    optimizer (CASMO's gate included) took the same steps. Buffers are left out: with plain
+    BatchNorm each rank keeps its own running statistics, which training never reads."""
+    flat = torch.cat([p.detach().float().flatten().cpu() for module in modules for p in module.parameters()])
+    mine = {
+        "rank": rank,
+        "sum": flat.double().sum().item(),
+        "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+    }
+    checksums: list = [None] * world_size
+    dist.all_gather_object(checksums, mine, group=group)
+    if rank == 0:
+        identical = len({checksum["sha256"] for checksum in checksums}) == 1
+        report = {"world_size": world_size, "identical": identical, "ranks": checksums}
+        gan_common.atomic_write_text(run_dir / "replicas.json", json.dumps(report, indent=2) + "\n")
+        verdict = "identical" if identical else "DIFFERENT (see replicas.json)"
+        print(f"parameters on the {world_size} processes: {verdict}")
+
+
 # Arguments that define the training trajectory; a checkpoint must match them all.
 TRAJECTORY_ARGS = (
     "dataset", "subset", "bs", "g_opt", "d_opt", "lr_g", "lr_d", "beta1", "beta2", "robustness", "c_min",
@@ -487,7 +550,9 @@ TRAJECTORY_ARGS = (
 
 
 def train(args: argparse.Namespace) -> None:
-    device = gan_common.pick_device(args.device)
+    device, rank, world_size, control_group = join_processes(args)
+    distributed = world_size > 1
+    is_main = rank == 0  # the one process that prints and writes the run folder
     check_args(args, device)
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
     gan_common.seed_everything(args.seed)
@@ -498,18 +563,31 @@ def train(args: argparse.Namespace) -> None:
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass another --out"
         )
 
+    # Under torchrun rank 0 loads first: it alone decodes and caches a dataset, and the others
+    # read its cache (on a shared file system) instead of racing it to write the same file.
+    if not is_main:
+        dist.barrier(group=control_group)
     images = load_images(args).to(device)  # batches are drawn on the device, no loader
-    steps_per_epoch = len(images) // args.bs
+    if distributed and is_main:
+        dist.barrier(group=control_group)
+    # One step takes --bs images on each process: one global batch of --bs x world size.
+    global_batch = args.bs * world_size
+    steps_per_epoch = len(images) // global_batch
     if steps_per_epoch == 0:
-        raise DataError(f"{len(images)} images cannot fill one batch of --bs {args.bs}")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+        processes = f" on each of {world_size} processes" if distributed else ""
+        raise DataError(f"{len(images)} images cannot fill one batch of --bs {args.bs}{processes}")
 
     generator = Generator().to(device)
     discriminator = Discriminator(dropout=args.d_dropout).to(device)
     generator.apply(init_weights)
     discriminator.apply(init_weights)
+    if distributed and args.sync_bn:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+    if distributed:
+        # The weights above come from --seed alike on every rank; noise, instance noise and
+        # random labels must differ between ranks, or they would all draw the same samples.
+        gan_common.seed_everything(args.seed + rank)
     try:
         opt_g = gan_common.make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
         opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
@@ -529,7 +607,9 @@ def train(args: argparse.Namespace) -> None:
     data_order = torch.Generator().manual_seed(args.seed)  # shuffles each epoch; saved for resume
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    epoch_sums = torch.zeros(6, device=device)  # loss_d, loss_g, d_x, d_g_z, dominated, D steps
+    # loss_d, loss_g, d_x, d_g_z, dominated, D steps: this rank's sums, added over ranks
+    # at the epoch's end; a checkpoint holds the sums over all ranks.
+    epoch_sums = torch.zeros(6, device=device)
     if resuming:
         checkpoint = gan_common.load_checkpoint(run_dir / "checkpoint.pt")
         if checkpoint.get("kind") != "dcgan" or checkpoint.get("trajectory_args") != {
@@ -548,26 +628,89 @@ def train(args: argparse.Namespace) -> None:
             raise BadRun(f"{run_dir / 'checkpoint.pt'} does not fit this model: {error}") from None
         step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
         data_order.set_state(checkpoint["data_order_state"])
-        epoch_sums = checkpoint["epoch_sums"].to(device)
-        gan_common.set_rng_state(checkpoint["rng"])
-        if step >= total_steps:
-            tqdm.write(f"{run_dir} already ran {step} steps; pass a larger --epochs or --max-steps to go on")
-            return
-    else:
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size == world_size:
+            if is_main:  # the others' share of the sums is in rank 0's
+                epoch_sums = checkpoint["epoch_sums"].to(device)
+            gan_common.set_rng_state(checkpoint.get("rng_by_rank", [checkpoint["rng"]])[rank])
+        else:
+            # Another world size slices each epoch's shuffle differently, so a half-done epoch
+            # cannot be finished exactly: skip its rest and start the next one. `step` goes on
+            # counting optimizer steps, now of the new global batch.
+            note = (
+                f"note: {run_dir} ran on {saved_world_size} process(es) and resumes on {world_size}: "
+                f"the global batch is now {global_batch}; the step count goes on from {step}"
+            )
+            if batch_in_epoch:
+                note += f"; the rest of epoch {epoch + 1} is skipped, training resumes at epoch {epoch + 2}"
+                torch.randperm(len(images), generator=data_order)  # the skipped epoch's shuffle
+                epoch, batch_in_epoch = epoch + 1, 0
+            if is_main:
+                tqdm.write(note)
+            # Fresh noise streams: the saved ones belong to ranks that no longer match.
+            gan_common.seed_everything(hash((args.seed, rank, step)) % 2**32)
+    elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        gan_common.write_config(run_dir, SCRIPT, args, device)
-    (run_dir / "samples").mkdir(exist_ok=True)
+        run_facts = {"world_size": world_size, "global_batch": global_batch}
+        gan_common.write_config(run_dir, SCRIPT, args, device, extra=run_facts)
+    # The epochs left at this world size; with the same world size throughout, this is
+    # --epochs x steps per epoch.
+    total_steps = step + (args.epochs - epoch) * steps_per_epoch - batch_in_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    if step >= total_steps:
+        if is_main:
+            tqdm.write(f"{run_dir} already ran {step} steps; pass a larger --epochs or --max-steps to go on")
+        return
+
+    # Training runs through DDP's wrappers, which average the gradients over ranks in the
+    # backward pass; checkpoints and sample grids use the modules inside (no "module." prefix).
+    g_net, d_net = generator, discriminator
+    if distributed:
+        # BatchNorm's running statistics are never used in training (sample grids too use
+        # batch statistics), and re-broadcasting them at every forward breaks D's two forwards
+        # (real, fake) before one backward: each rank keeps its own.
+        device_ids = [device] if device.type == "cuda" else None
+        g_net = DistributedDataParallel(generator, device_ids=device_ids, forward_sync_buffers=False)
+        d_net = DistributedDataParallel(discriminator, device_ids=device_ids, forward_sync_buffers=False)
+
     epoch_start_order_state = data_order.get_state()
-    # Rows past the checkpoint's step (all of them in a fresh run over one that died before
-    # its first checkpoint) are dropped: they will be logged again.
-    log = gan_common.CSVLog(
-        run_dir / "log.csv",
-        gan_common.LOG_COLUMNS + LOG_EXTRA_COLUMNS,
-        resume_after_step=step,
-    )
-    quality_log = gan_common.CSVLog(run_dir / "quality.csv", QUALITY_COLUMNS, resume_after_step=step)
+    if is_main:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        # Rows past the checkpoint's step (all of them in a fresh run over one that died before
+        # its first checkpoint) are dropped: they will be logged again.
+        log = gan_common.CSVLog(
+            run_dir / "log.csv",
+            gan_common.LOG_COLUMNS + LOG_EXTRA_COLUMNS,
+            resume_after_step=step,
+        )
+        quality_log = gan_common.CSVLog(run_dir / "quality.csv", QUALITY_COLUMNS, resume_after_step=step)
+
+    def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
+        """A copy summed over ranks, on the device (NCCL's all-reduce takes device tensors)."""
+        if not distributed:
+            return values
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
+    def mean_over_ranks(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a user reads as one number (a loss, D(x)) is the mean over ranks: an
+        all-reduce, so called on logged steps only."""
+        if not distributed:
+            return values
+        stacked = torch.stack([value.detach().float() for value in values])
+        return tuple(summed_over_ranks(stacked) / world_size)
 
     def save(path: Path) -> None:
+        # Every rank takes part (the sums and the RNG states are gathered); rank 0 writes.
+        sums_over_ranks = summed_over_ranks(epoch_sums).cpu()
+        rng_by_rank = [gan_common.rng_state()]
+        if distributed:
+            rng_by_rank = [None] * world_size
+            dist.all_gather_object(rng_by_rank, gan_common.rng_state(), group=control_group)
+        if not is_main:
+            return
         gan_common.save_checkpoint(
             path,
             {
@@ -578,14 +721,16 @@ def train(args: argparse.Namespace) -> None:
                 "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": gan_common.rng_state(),
+                "rng": rng_by_rank[0],
+                "rng_by_rank": rng_by_rank,
+                "world_size": world_size,
                 # The order generator as the current epoch's shuffle found it: resuming
                 # mid-epoch replays that shuffle and skips the batches done.
                 "data_order_state": epoch_start_order_state if batch_in_epoch else data_order.get_state(),
                 "step": step,
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
-                "epoch_sums": epoch_sums.cpu(),
+                "epoch_sums": sums_over_ranks,
             },
         )
 
@@ -593,9 +738,11 @@ def train(args: argparse.Namespace) -> None:
     def write_grid(name: str) -> None:
         # Train-mode BatchNorm, as in the PyTorch example: early running statistics lag far
         # behind the batch ones. The running statistics this updates are never used in training.
+        # Every rank runs G (SyncBatchNorm's forward is a collective); rank 0 saves.
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             grid = generator(grid_noise).float()
-        save_image(grid, run_dir / "samples" / name, nrow=8, normalize=True, value_range=(-1, 1))
+        if is_main:
+            save_image(grid, run_dir / "samples" / name, nrow=8, normalize=True, value_range=(-1, 1))
 
     @torch.no_grad()
     def measure_diversity() -> float:
@@ -603,7 +750,7 @@ def train(args: argparse.Namespace) -> None:
             generated = generator(diversity_noise[: len(real_reference)]).float()
         ratio = diversity_ratio(generated, real_reference)
         # A fresh G draws near-identical images; judge collapse only once it had time to spread.
-        if ratio < COLLAPSE_RATIO and step >= min(steps_per_epoch, COLLAPSE_GRACE_STEPS):
+        if is_main and ratio < COLLAPSE_RATIO and step >= min(steps_per_epoch, COLLAPSE_GRACE_STEPS):
             tqdm.write(
                 f"warning: step {step}: generated images are far less varied than real ones (diversity "
                 f"ratio {ratio:.2f}), a sign of mode collapse; {STABILISER_HINT}"
@@ -629,7 +776,19 @@ def train(args: argparse.Namespace) -> None:
     def request_stop(signum, frame):
         stop_signal.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
+        if is_main:
+            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
+
+    def agreed_stop_signal() -> int:
+        """The signal that stops the run, 0 while none came. Under torchrun the ranks agree
+        after every step (over gloo, no device sync): a rank stopping alone would leave the
+        others waiting in DDP's all-reduce."""
+        signum = stop_signal[0] if stop_signal else 0
+        if not distributed:
+            return signum
+        flag = torch.tensor(signum)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
+        return int(flag)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -637,31 +796,33 @@ def train(args: argparse.Namespace) -> None:
     real_target_mean = args.label_smooth if args.real_label_range is None else sum(args.real_label_range) / 2
     dominated_streak = 0
     last_log_time, last_log_step = time.perf_counter(), step
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not is_main)
     first_step, start_time = step, time.perf_counter()
-    while step < total_steps and not stop_signal:
+    while step < total_steps and not agreed_stop_signal():
         epoch_start_order_state = data_order.get_state()
+        # Every rank draws the same shuffle and takes its own --bs images of each global batch.
         order = torch.randperm(len(images), generator=data_order).to(device)
-        while batch_in_epoch < steps_per_epoch and step < total_steps and not stop_signal:
-            real = to_unit(images[order[batch_in_epoch * args.bs : (batch_in_epoch + 1) * args.bs]])
+        while batch_in_epoch < steps_per_epoch and step < total_steps and not agreed_stop_signal():
+            start = batch_in_epoch * global_batch + rank * args.bs
+            real = to_unit(images[order[start : start + args.bs]])
             n = len(real)
             logged = (step + 1) % args.log_every == 0
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                fake = generator(torch.randn(n, NZ, 1, 1, device=device))
+                fake = g_net(torch.randn(n, NZ, 1, 1, device=device))
 
             train_d = step % args.d_every == 0
             if train_d:
                 opt_d.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits_real = discriminator(d_inputs(real))
-                    logits_fake = discriminator(d_inputs(fake.detach()))
+                    logits_real = d_net(d_inputs(real))
+                    logits_fake = d_net(d_inputs(fake.detach()))
                     loss_d = F.binary_cross_entropy_with_logits(
                         logits_real, targets(args.real_label_range, args.label_smooth, n)
                     ) + F.binary_cross_entropy_with_logits(
                         logits_fake, targets(args.fake_label_range, 0.0, n)
                     )
                 scaler.scale(loss_d).backward()
-                if logged:
+                if logged:  # DDP averaged the gradients: every rank sees the global batch's norm
                     scaler.unscale_(opt_d)
                     grad_norm_d = gan_common.grad_norm(discriminator.parameters())
                 scaler.step(opt_d)
@@ -670,11 +831,14 @@ def train(args: argparse.Namespace) -> None:
                 dominated = (d_g_z < DOMINANCE_FAKE) & (d_x > real_target_mean - DOMINANCE_REAL_MARGIN)
 
             # Non-saturating G loss: G wants D to call its images real (target 1).
+            # This backward also fills D's gradients, which D's next step zeroes unused: under
+            # DDP they are left local rather than all-reduced.
             opt_g.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits_g = discriminator(d_inputs(fake))
-                loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones(n, device=device))
-            scaler.scale(loss_g).backward()
+            with d_net.no_sync() if distributed else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits_g = d_net(d_inputs(fake))
+                    loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones(n, device=device))
+                scaler.scale(loss_g).backward()
             if logged:
                 scaler.unscale_(opt_g)
                 grad_norm_g = gan_common.grad_norm(generator.parameters())
@@ -695,14 +859,19 @@ def train(args: argparse.Namespace) -> None:
                 now = time.perf_counter()
                 agar_g, conf_g = gan_common.optimizer_metrics(opt_g)
                 agar_d, conf_d = gan_common.optimizer_metrics(opt_d)
+                loss_g, d_g_z_after_d = mean_over_ranks(
+                    loss_g, torch.sigmoid(logits_g.detach().float()).mean()
+                )
                 row = {"step": step, "epoch": epoch + 1, "loss_g": loss_g, "grad_norm_g": grad_norm_g}
                 row.update(agar_g=agar_g, conf_g=conf_g, agar_d=agar_d, conf_d=conf_d)
-                row["d_g_z_after_d"] = torch.sigmoid(logits_g.detach().float()).mean()
+                row["d_g_z_after_d"] = d_g_z_after_d
                 row["steps_per_sec"] = (step - last_log_step) / (now - last_log_time)
                 if train_d:
+                    loss_d, d_x, d_g_z, dominated = mean_over_ranks(loss_d, d_x, d_g_z, dominated.float())
                     row.update(loss_d=loss_d, d_x=d_x, d_g_z=d_g_z, grad_norm_d=grad_norm_d)
-                    dominated_streak = dominated_streak + args.log_every if dominated.item() else 0
-                    if dominated_streak >= DOMINANCE_PATIENCE_STEPS:
+                    # Under torchrun: D won outright on most ranks.
+                    dominated_streak = dominated_streak + args.log_every if dominated.item() > 0.5 else 0
+                    if is_main and dominated_streak >= DOMINANCE_PATIENCE_STEPS:
                         tqdm.write(
                             f"warning: step {step}: D has won outright for {dominated_streak} steps "
                             f"(D(x) {d_x.item():.2f}, D(G(z)) {d_g_z.item():.3f}, "
@@ -714,7 +883,8 @@ def train(args: argparse.Namespace) -> None:
                         f"D(x) {d_x.item():.3f} D(G(z)) {d_g_z.item():.3f}/{row['d_g_z_after_d'].item():.3f}",
                         refresh=False,
                     )
-                log.write(row)
+                if is_main:
+                    log.write(row)
                 last_log_time, last_log_step = now, step
 
             epoch_done = batch_in_epoch == steps_per_epoch
@@ -726,30 +896,32 @@ def train(args: argparse.Namespace) -> None:
             break  # stopped mid-epoch: --max-steps or a signal
         epoch += 1
         batch_in_epoch = 0
-        sums = epoch_sums.tolist()
+        sums = summed_over_ranks(epoch_sums).tolist()  # D steps counted once per rank
         d_steps = max(sums[5], 1.0)
         quality = {
             "epoch": epoch,
             "step": step,
             "loss_d_mean": sums[0] / d_steps,
-            "loss_g_mean": sums[1] / steps_per_epoch,
+            "loss_g_mean": sums[1] / (steps_per_epoch * world_size),
             "d_x_mean": sums[2] / d_steps,
             "d_g_z_mean": sums[3] / d_steps,
             "diversity_ratio": measure_diversity(),
             "d_dominated_share": sums[4] / d_steps,
         }
-        quality_log.write(quality)
-        summary = " ".join(
-            f"{key} {value:.4f}" for key, value in quality.items() if key not in ("epoch", "step")
-        )
-        tqdm.write(f"epoch {epoch}/{args.epochs} step {step}: {summary}")
+        if is_main:
+            quality_log.write(quality)
+            summary = " ".join(
+                f"{key} {value:.4f}" for key, value in quality.items() if key not in ("epoch", "step")
+            )
+            tqdm.write(f"epoch {epoch}/{args.epochs} step {step}: {summary}")
         epoch_sums.zero_()
         write_grid(f"epoch_{epoch:03d}.png")
         save(run_dir / "checkpoint.pt")
     bar.close()
     steps_per_sec = (step - first_step) / (time.perf_counter() - start_time)
-    log.close()
-    quality_log.close()
+    if is_main:
+        log.close()
+        quality_log.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -757,13 +929,19 @@ def train(args: argparse.Namespace) -> None:
         save(run_dir / "checkpoint.pt")
     # After the checkpoint: this forward pass updates G's BatchNorm running statistics.
     write_grid("final.png")
-    if stop_signal:
-        print(f"stopped at step {step}; continue with: python {SCRIPT} --resume {run_dir}")
-        sys.exit(128 + stop_signal[0])
-    print(
-        f"done: {step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
-        "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
-    )
+    if distributed:
+        check_replicas([generator, discriminator], run_dir, rank, world_size, control_group)
+    stopped_by = agreed_stop_signal()
+    if stopped_by:
+        if is_main:
+            launcher = f"torchrun --nproc_per_node {world_size}" if distributed else "python"
+            print(f"stopped at step {step}; continue with: {launcher} {SCRIPT} --resume {run_dir}")
+        sys.exit(128 + stopped_by)
+    if is_main:
+        print(
+            f"done: {step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
+            "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -773,6 +951,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted; nothing saved since the last checkpoint")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
