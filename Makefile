@@ -14,7 +14,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput lint install
+.PHONY: demo test bench throughput toy-grid lint install
 
 install: $(VENV)/.built
 
@@ -58,6 +58,21 @@ throughput: install
 			|| exit 1; \
 	done
 	$(PY) plot_logs.py $(THROUGHPUT) --out $(THROUGHPUT)/plots
+
+# The semicircle GAN in its four configurations for one seed (SEED=0 by default), then
+# the comparison figures and summary.md. One thread per run, so the numbers do not
+# depend on the machine's core count; `make -j4 toy-grid` runs them side by side. A
+# finished run is kept, an interrupted one resumed.
+SEED ?= 0
+TOY_CONFIGS := adam_adam casmo_adam adam_casmo casmo_casmo
+TOY_GRID := runs/toy2d-grid-s$(SEED)
+toy-grid: $(TOY_CONFIGS:%=$(TOY_GRID)/toy2d-%/generated.csv)
+	$(PY) plot_logs.py $(TOY_GRID) --out $(TOY_GRID)/plots
+
+$(TOY_GRID)/toy2d-%/generated.csv: | install
+	if [ -f $(@D)/checkpoint.pt ]; then OMP_NUM_THREADS=1 $(PY) train_toy2d.py --resume $(@D); \
+	else OMP_NUM_THREADS=1 $(PY) train_toy2d.py --g-opt $(word 1,$(subst _, ,$*)) \
+		--d-opt $(word 2,$(subst _, ,$*)) --seed $(SEED) --out $(@D); fi
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
