@@ -858,7 +858,8 @@ def train(args: argparse.Namespace) -> None:
             if logged:
                 now = time.perf_counter()
                 agar_g, conf_g = gan_common.optimizer_metrics(opt_g)
-                agar_d, conf_d = gan_common.optimizer_metrics(opt_d)
+                # D's columns, like its loss, only on rows where D learned.
+                agar_d, conf_d = gan_common.optimizer_metrics(opt_d) if train_d else (None, None)
                 loss_g, d_g_z_after_d = mean_over_ranks(
                     loss_g, torch.sigmoid(logits_g.detach().float()).mean()
                 )

@@ -296,6 +296,9 @@ def main() -> None:
 
     # Epochs completed, batches done of the next one, generator steps taken.
     start_epoch, start_batch, step = 0, 0, 0
+    # Rows of batches where D does not learn carry the figures of D's latest update; a
+    # resumed run takes them from the checkpoint (CASMO's metrics are not in its state).
+    grad_norm_d, d_metrics = None, (None, None)
     if resuming:
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
         generator.load_state_dict(checkpoint["generator"])
@@ -305,6 +308,7 @@ def main() -> None:
         set_rng_state(checkpoint["rng"])
         loader_rng.set_state(checkpoint["loader_rng"])
         start_epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        grad_norm_d, d_metrics = checkpoint["grad_norm_d"], checkpoint["d_metrics"]
         if start_epoch >= args.epochs:
             sys.exit(f"error: {run_dir} has trained {start_epoch} epochs already; pass a larger --epochs")
 
@@ -328,6 +332,8 @@ def main() -> None:
                 "epoch": epochs_done,
                 "batch": batches_done,
                 "step": step,
+                "grad_norm_d": grad_norm_d,
+                "d_metrics": optimizer_metrics(opt_d) if d_metrics is None else d_metrics,
             },
         )
 
@@ -341,7 +347,6 @@ def main() -> None:
     progress = tqdm(
         range(start_epoch + 1, args.epochs + 1), initial=start_epoch, total=args.epochs, unit="epoch"
     )
-    grad_norm_d = None  # of D's latest update; unknown until D's first update in this process
     last_log_step, last_log_time = step, time.perf_counter()
     for epoch in progress:
         epoch_loader_state = loader_rng.get_state()
@@ -367,6 +372,7 @@ def main() -> None:
                 loss_d.backward()
                 grad_norm_d = grad_norm(discriminator.parameters())
                 opt_d.step()
+                d_metrics = None  # read from the optimizer when needed: no host sync here
 
             # G, every batch, against the freshly updated D: the non-saturating loss.
             logits_g = discriminator(fake)
@@ -380,7 +386,9 @@ def main() -> None:
             if step % args.log_every == 0:
                 now = time.perf_counter()
                 agar_g, conf_g = optimizer_metrics(opt_g)
-                agar_d, conf_d = optimizer_metrics(opt_d)
+                if d_metrics is None:
+                    d_metrics = optimizer_metrics(opt_d)
+                agar_d, conf_d = d_metrics
                 row = {
                     "step": step,
                     "epoch": epoch,

@@ -195,9 +195,15 @@ def test_resume_to_more_epochs_matches_an_uninterrupted_run(adam_run, three_epoc
     assert read_csv(run_dir / "quality.csv") == read_csv(three_epochs / "quality.csv")
 
 
-def test_ctrl_c_saves_a_checkpoint_to_resume_from(three_epochs, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+    """CASMO on both networks: a mid-epoch resume must also restore D's figures, which
+    rows of batches where D does not learn carry over (CASMO keeps them outside its
+    state dict)."""
+    casmo = ["--g-opt", "casmo", "--d-opt", "casmo"]
+    three_epochs = tmp_path / "three"
+    train("--epochs", "3", *SMALL, *casmo, "--out", str(three_epochs))
     run_dir = tmp_path / "interrupted"
-    process = script("--epochs", "50", *SMALL, "--out", str(run_dir))
+    process = script("--epochs", "50", *SMALL, *casmo, "--out", str(run_dir))
     while not (run_dir / "log.csv").is_file() or len(read_csv(run_dir / "log.csv")) < 3:
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.02)
