@@ -24,8 +24,10 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 CSRC = os.path.join("casmo_ext", "csrc")
 # No errno and no FP traps: results are unchanged, and GCC can then vectorise sqrt and
-# the clamps of the CPU kernel's loops.
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-pthread"]
+# the clamps of the CPU kernel's loops. ATen's parallel_for is inline OpenMP: without
+# -fopenmp it compiles to a serial loop.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-pthread"]
+LINK_FLAGS = ["-fopenmp"]
 
 
 def want_cuda() -> bool:
@@ -40,7 +42,9 @@ def extension():
     sources = [path for path in sources if os.path.exists(path)]
     if not want_cuda():
         print("casmo_ext: building the CPU kernel only (no nvcc or no CUDA build of torch)")
-        return CppExtension("casmo_ext._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+        return CppExtension(
+            "casmo_ext._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS
+        )
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # No GPU to detect: build for Ampere and Hopper (plus PTX for newer GPUs)
         # rather than for every architecture torch knows.
@@ -54,6 +58,7 @@ def extension():
         sources + [os.path.join(CSRC, "casmo_cuda.cu")],
         define_macros=[("CASMO_WITH_CUDA", None)],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=LINK_FLAGS,
     )
 
 
