@@ -19,7 +19,7 @@ namespace casmo {
 namespace {
 
 constexpr int64_t kSmallTensor = 32768;  // stepped whole by one thread
-constexpr int64_t kChunk = 32768;        // work item of a large tensor
+constexpr int64_t kChunk = 16384;        // work item of a large tensor
 constexpr int64_t kBlock = 256;          // elements per vectorised inner loop
 
 // Rounds a float to the storage dtype and back: AGAR is computed from stored moments.
