@@ -490,7 +490,8 @@ def draw_figure(path: Path, title: str, panels: list[Panel], draw) -> None:
         ax.set_visible(False)
     handles = unique_legend_entries(axes.flat)
     if handles:
-        fig.legend(*zip(*handles), loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
+        # At most four entries a row: six configuration and line-style entries overflow 10 inches.
+        fig.legend(*zip(*handles), loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
     if len(panels) > 1:
         fig.suptitle(title)
     fig.savefig(path, dpi=DPI)
