@@ -195,6 +195,7 @@ class CASMO(torch.optim.Optimizer):
 
     def _dispatch(self, device, dtype, group, ps, gs, ms, ss, steps) -> torch.Tensor:
         beta1, beta2 = group["betas"]
+        # In the kernels' argument order.
         hyper = dict(
             beta1=beta1,
             beta2=beta2,
@@ -205,11 +206,9 @@ class CASMO(torch.optim.Optimizer):
             rel_floor=group["rel_floor"],
         )
         lr = group["lr"]
-        kernel = self._kernel_for(device, dtype)
-        if kernel is None:
+        if not self._use_kernel(device, dtype):
             return casmo_step_reference(ps, gs, ms, ss, steps, lr=lr, **hyper)
-        scalars = [hyper[k] for k in ("beta1", "beta2", "eps", "weight_decay")]
-        scalars += [hyper[k] for k in ("c_min", "robustness", "rel_floor")]
+        scalars = hyper.values()
         if device.type == "cpu":
             steps_f = [float(s) for s in steps]
             return _kernels._C.cpu_step(ps, gs, ms, ss, steps_f, float(lr), *scalars)
@@ -220,21 +219,19 @@ class CASMO(torch.optim.Optimizer):
         steps_f = [float(s) for s in steps]
         return _kernels._C.cuda_step(ps, gs, ms, ss, steps_f, [], lr_value, lr_tensor, *scalars)
 
-    def _kernel_for(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def _use_kernel(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether the fused kernel steps this bucket (else the reference does)."""
         if self._fused is False or dtype not in KERNEL_DTYPES:
-            return None
+            return False
         if _kernels._C is None:
             _kernels.warn_fallback_once(f"the compiled kernels are missing ({_kernels._IMPORT_ERROR})")
-            return None
-        if device.type == "cpu":
-            return "cpu"
-        if device.type == "cuda" and _kernels._C.built_with_cuda():
-            return "cuda"
+            return False
+        if device.type == "cpu" or (device.type == "cuda" and _kernels._C.built_with_cuda()):
+            return True
         if self._fused:
             raise RuntimeError(
                 f"CASMO(fused=True) has no kernel for {device.type} tensors in this build "
                 f"(build_info: {_kernels.build_info()}); rebuild on a machine with nvcc."
             )
         _kernels.warn_fallback_once(f"this build has no kernel for {device.type} tensors")
-        return None
+        return False
