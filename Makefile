@@ -1,7 +1,7 @@
 # Two commands from a fresh clone:
 #   make demo   installs into .venv, builds the kernels and runs the main job
 #   make test   installs into .venv, builds the kernels and runs the whole test suite
-# Also: make bench (optimizer step benchmark), make lint.
+# Also: make bench (optimizer step benchmark), make throughput, make benchmark, make lint.
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput toy-grid lint install
+.PHONY: demo test bench throughput benchmark benchmark-small lint install
 
 install: $(VENV)/.built
 
@@ -59,20 +59,17 @@ throughput: install
 	done
 	$(PY) plot_logs.py $(THROUGHPUT) --out $(THROUGHPUT)/plots
 
-# The semicircle GAN in its four configurations for one seed (SEED=0 by default), then
-# the comparison figures and summary.md. One thread per run, so the numbers do not
-# depend on the machine's core count; `make -j4 toy-grid` runs them side by side. A
-# finished run is kept, an interrupted one resumed.
-SEED ?= 0
-TOY_CONFIGS := adam_adam casmo_adam adam_casmo casmo_casmo
-TOY_GRID := runs/toy2d-grid-s$(SEED)
-toy-grid: $(TOY_CONFIGS:%=$(TOY_GRID)/toy2d-%/generated.csv)
-	$(PY) plot_logs.py $(TOY_GRID) --out $(TOY_GRID)/plots
+# The benchmark's evidence: the four configurations over several seeds on the toy and the
+# shapes DCGAN, a robustness sweep, figures and results.md in runs/benchmark (about two
+# hours on 2 cores). Finished runs are kept and interrupted ones resumed, so it can be
+# stopped and started again. benchmark-small is a quick look; pass more options in ARGS,
+# e.g. make benchmark ARGS="--dataset tinyimagenet --dcgan-steps 0 --device cuda".
+ARGS ?=
+benchmark: install
+	$(PY) benchmark.py $(ARGS)
 
-$(TOY_GRID)/toy2d-%/generated.csv: | install
-	if [ -f $(@D)/checkpoint.pt ]; then OMP_NUM_THREADS=1 $(PY) train_toy2d.py --resume $(@D); \
-	else OMP_NUM_THREADS=1 $(PY) train_toy2d.py --g-opt $(word 1,$(subst _, ,$*)) \
-		--d-opt $(word 2,$(subst _, ,$*)) --seed $(SEED) --out $(@D); fi
+benchmark-small: install
+	$(PY) benchmark.py --small $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -47,6 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allow --out to lie inside a run folder (off: runs stay untouched)",
     )
     parser.add_argument(
+        "--group-by",
+        nargs="+",
+        default=[],
+        metavar="ARG",
+        help="split each configuration by the values of these run arguments (e.g. robustness), "
+        "instead of averaging runs that differ in them as seeds",
+    )
+    parser.add_argument(
         "--smooth",
         type=float,
         default=0.02,
@@ -115,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     candidates = expand_run_dirs(args.run_dirs)
     runs, skipped = load_runs(candidates)
+    for run in runs:
+        if args.group_by:
+            values = ", ".join(f"{name}={run.args.get(name)}" for name in args.group_by)
+            run.config = f"{run.config} ({values})"
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     if not runs:
@@ -342,7 +354,8 @@ def sorted_runs(runs: list[Run]) -> list[Run]:
 
 
 def config_rank(config: str) -> tuple[int, str]:
-    return (CONFIG_ORDER.index(config) if config in CONFIG_ORDER else len(CONFIG_ORDER), config)
+    optimizers = config.split(" (")[0]  # without the --group-by values
+    return (CONFIG_ORDER.index(optimizers) if optimizers in CONFIG_ORDER else len(CONFIG_ORDER), config)
 
 
 def by_config(runs: list[Run]) -> dict[str, list[Run]]:
@@ -726,7 +739,7 @@ def draw_mean_with_band(
 # Tables
 
 LOSS_STATISTICS = ("initial", "final", "min", "max", "mean", "std")
-VERDICTS = ("d_collapsed", "d_stuck_high", "stabilised", "g_trend", "wild_oscillation")
+VERDICTS = ("d_collapsed", "d_stuck_high", "stabilised", "g_trend", "wild_oscillation", "ever_covered")
 QUALITY_COLUMNS = {
     "toy2d": ("on_support", "left_share", "mmd"),
     "dcgan": ("diversity_ratio",),
@@ -840,8 +853,9 @@ def dominated_share(d_x: np.ndarray, d_g_z: np.ndarray) -> float:
     return float(np.mean((d_x[logged] > D_DOMINATES_DX) & (d_g_z[logged] < D_DOMINATES_DGZ)))
 
 
-def final_quality(run: Run) -> dict[str, float]:
-    """Per quality column: the last evaluation, and for the toy also the mean of the last few."""
+def final_quality(run: Run) -> dict[str, object]:
+    """Per quality column: the last evaluation, and for the toy also the mean of the last few
+    and the first evaluation at which both semicircles were covered (coverage_ok)."""
     figures = {}
     for column in QUALITY_COLUMNS.get(run.kind, ()):
         values = run.quality[column] if run.quality is not None else np.array([])
@@ -851,6 +865,10 @@ def final_quality(run: Run) -> dict[str, float]:
             figures[f"{column}_last{QUALITY_LAST_N}"] = (
                 float(values[-QUALITY_LAST_N:].mean()) if len(values) else math.nan
             )
+    if run.kind == "toy2d":
+        covered = run.quality["epoch"][run.quality["coverage_ok"] == 1] if run.quality is not None else []
+        figures["first_coverage_epoch"] = float(covered[0]) if len(covered) else math.nan
+        figures["ever_covered"] = "yes" if len(covered) else "no"
     return figures
 
 
@@ -950,6 +968,8 @@ MD_QUALITY_COLUMNS = {
         (f"left share, last {QUALITY_LAST_N}", f"left_share_last{QUALITY_LAST_N}"),
         ("MMD", "mmd_final"),
         (f"MMD, last {QUALITY_LAST_N}", f"mmd_last{QUALITY_LAST_N}"),
+        ("ever covers both", "ever_covered"),
+        ("first epoch covering both", "first_coverage_epoch"),
     ],
     "dcgan": [("diversity ratio", "diversity_ratio_final")],
 }
@@ -1018,6 +1038,9 @@ CHECKS_CAPTION = "\n".join(
         f"D(x) > {D_DOMINATES_DX} and D(G(z)) < {D_DOMINATES_DGZ}.",
         f"- Quality: the last evaluation in quality.csv; *last {QUALITY_LAST_N}*: "
         f"mean of the last {QUALITY_LAST_N} evaluations. steps/s: median over logged steps.",
+        "- Toy only: *ever covers both*: some evaluation had coverage_ok (more than 90% of the samples "
+        "on the arcs, each arc holding 35-65% of them); *first epoch covering both*: the earliest such "
+        "evaluation, averaged over the seeds that reached it.",
     ]
 )
 

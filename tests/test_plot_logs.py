@@ -449,3 +449,33 @@ def test_figures_and_summary_from_real_short_runs_of_both_scripts(tmp_path):
     assert float(toy["rows"]) == 16 and float(dcgan["rows"]) == 4
     assert 0.0 <= float(toy["on_support_final"]) <= 1.0
     assert float(dcgan["diversity_ratio_final"]) > 0
+
+
+def test_first_epoch_covering_both_arcs(tmp_path):
+    covered = make_run(tmp_path / "covered", seed=0, steps=40)
+    never = make_run(tmp_path / "never", seed=1, steps=40)
+    quality = toy_quality() | {"coverage_ok": ["False"] * 4}
+    write_csv(never / "quality.csv", list(quality), quality)
+    code, printed = run_main([str(covered), str(never), "--out", str(tmp_path / "out")])
+    assert code == 0, printed
+    rows = {row["name"]: row for row in summary_rows(tmp_path / "out")}
+    assert rows["covered"]["first_coverage_epoch"] == "3" and rows["covered"]["ever_covered"] == "yes"
+    assert rows["never"]["first_coverage_epoch"] == "" and rows["never"]["ever_covered"] == "no"
+    # The mean is over the seeds that covered both arcs; the count says how many did.
+    assert rows["adam_adam"]["first_coverage_epoch"] == "3" and rows["adam_adam"]["ever_covered"] == "1/2"
+
+
+def test_group_by_splits_a_configuration_by_an_argument(tmp_path):
+    for seed, robustness in ((0, 0.0), (1, 0.0), (0, 1.0)):
+        run = make_run(tmp_path / "runs" / f"r{robustness}-s{seed}", g_opt="casmo", seed=seed, steps=40)
+        config = json.loads((run / "config.json").read_text())
+        config["args"]["robustness"] = robustness
+        (run / "config.json").write_text(json.dumps(config))
+    code, printed = run_main(
+        [str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--group-by", "robustness"]
+    )
+    assert code == 0, printed
+    seeds = {
+        row["name"]: row["seeds"] for row in summary_rows(tmp_path / "out") if row["scope"] == "configuration"
+    }
+    assert seeds == {"casmo_adam (robustness=0.0)": "0,1", "casmo_adam (robustness=1.0)": "0"}

@@ -1,0 +1,127 @@
+"""benchmark.py: the grid it plans, and a real miniature grid run end to end, then run again
+(everything skipped), resumed, and with a run that fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--toy-seeds",
+    "1",
+    "--toy-epochs",
+    "1",
+    "--dcgan-seeds",
+    "1",
+    "--dcgan-steps",
+    "10",
+    "--subset",
+    "32",
+]
+TINY += ["--sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
+
+
+def test_default_grid_is_four_configurations_by_several_seeds():
+    sets = benchmark.plan(benchmark.parse_args([]))
+    assert [len(jobs) for jobs in sets.values()] == [4 * 5, 4 * 3, 2 * 3]
+    toy = sets["toy2d"]
+    assert {(job.config, job.seed) for job in toy} == {(c, s) for c in benchmark.CONFIGS for s in range(5)}
+    assert all(
+        "--epochs" in job.command and job.command[job.command.index("--epochs") + 1] == "200" for job in toy
+    )
+    casmo_casmo = next(job.command for job in sets["dcgan-shapes"] if job.config == "casmo_casmo")
+    assert casmo_casmo[casmo_casmo.index("--g-opt") + 1] == "casmo" and "--max-steps" in casmo_casmo
+    sweep = {job.command[job.command.index("--robustness") + 1] for job in sets["toy2d-robustness"]}
+    assert sweep == {"0.0", "1.0"}
+
+
+def test_small_grid_and_full_dcgan_budget():
+    small = benchmark.parse_args(["--small"])
+    assert (small.toy_seeds, small.toy_epochs, small.dcgan_seeds, small.sweep_robustness) == (2, 60, 1, [])
+    assert small.out == Path("runs/benchmark-small")
+    full = benchmark.plan(
+        benchmark.parse_args(["--dataset", "tinyimagenet", "--dcgan-steps", "0", "--device", "cuda"])
+    )
+    command = full["dcgan-tinyimagenet"][0].command
+    assert "--max-steps" not in command and command[command.index("--epochs") + 1] == "50"
+    assert benchmark.parse_args(["--device", "cuda"]).jobs == 1
+
+
+def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmark.py", *TINY, *arguments],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid")
+    result = run_benchmark("--out", str(out), "--data-root", str(out / "data"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_grid_writes_runs_figures_and_results(grid):
+    for name in ("toy2d", "dcgan-shapes"):
+        for config in benchmark.CONFIGS:
+            assert (grid / name / f"{config}-s0" / benchmark.DONE_MARKER).is_file()
+        assert (grid / "plots" / name / "comparison_2x2.png").is_file()
+    results = (grid / "results.md").read_text()
+    for config in benchmark.CONFIGS:
+        assert results.count(f"| {config} | 1 |") == 2  # a row in the toy and in the DCGAN table
+    assert (
+        "| casmo_casmo (robustness=0.0) | 1 |" in results
+        and "| casmo_casmo (robustness=0.5) | 1 |" in results
+    )
+    assert "torch 2." in results and (grid / "machine.json").is_file()
+
+
+def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid):
+    # As if stopped after its first epoch's checkpoint, of a grid of 2-epoch toy runs.
+    folder = grid / "toy2d" / "casmo_adam-s0"
+    shutil.rmtree(folder)
+    command = next(
+        job.command
+        for job in benchmark.plan(benchmark.parse_args(TINY + ["--out", str(grid)]))["toy2d"]
+        if job.folder == folder
+    )
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    result = run_benchmark("--out", str(grid), "--data-root", str(grid / "data"), "--toy-epochs", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "8 of 9 runs done before; 1 to run" in result.stdout
+    assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()
+    assert (folder / benchmark.DONE_MARKER).is_file()
+    epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]
+
+
+def test_a_failing_run_is_reported_with_its_log(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_benchmark(
+        "--out",
+        str(tmp_path / "out"),
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(tmp_path / "empty"),
+        "--dry-run",
+    )
+    assert result.returncode == 0 and result.stdout.count("start") == 9
+    result = run_benchmark(
+        "--out", str(tmp_path / "out"), "--dataset", "folder", "--data-root", str(tmp_path / "empty")
+    )
+    assert result.returncode == 1
+    assert "4 run(s) failed" in result.stdout and "dcgan-folder-adam_adam-s0.log" in result.stdout
+    assert "run the same command again" in result.stdout
