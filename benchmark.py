@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import train_dcgan
 from plot_logs import number
 
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
@@ -154,6 +155,17 @@ def state(job: Job) -> str:
     if (job.folder / "checkpoint.pt").is_file():
         return "resume"
     return "restart" if job.folder.exists() else "start"
+
+
+def prepare_data(args: argparse.Namespace) -> None:
+    """Downloads and decodes the DCGAN's images once, before runs start side by side (each
+    would otherwise download the same archive): every seed's subset lands in the cache the
+    runs read."""
+    if args.dataset == "shapes":
+        return
+    for seed in range(args.dcgan_seeds):
+        options = dict(dataset=args.dataset, data_root=args.data_root, subset=args.subset, seed=seed)
+        train_dcgan.load_images(argparse.Namespace(**options, workers=os.cpu_count() or 1))
 
 
 def run(job: Job, log_dir: Path, threads: int) -> tuple[Job, int, Path]:
@@ -312,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    try:
+        prepare_data(args)
+    except train_dcgan.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     failed = run_all(jobs, args, log_dir)
     if failed:
         print(f"{len(failed)} run(s) failed; fix the cause and run the same command again to resume:")

@@ -108,20 +108,22 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid):
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path):
+    # --subset 0 is refused by train_dcgan.py itself: the toy runs go on, the DCGAN ones fail.
+    dcgan_only = ["--toy-seeds", "0", "--sweep-robustness", "--subset", "0", "--out", str(tmp_path / "out")]
+    result = run_benchmark(*dcgan_only, "--dry-run")
+    assert result.returncode == 0 and result.stdout.count("start") == 4
+    result = run_benchmark(*dcgan_only)
+    assert result.returncode == 1
+    assert "4 run(s) failed" in result.stdout and "dcgan-shapes-adam_adam-s0.log" in result.stdout
+    assert "run the same command again" in result.stdout
+    assert "--subset" in (tmp_path / "out" / "logs" / "dcgan-shapes-adam_adam-s0.log").read_text()
+
+
+def test_missing_data_stops_before_any_run_with_a_message(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_benchmark(
-        "--out",
-        str(tmp_path / "out"),
-        "--dataset",
-        "folder",
-        "--data-root",
-        str(tmp_path / "empty"),
-        "--dry-run",
-    )
-    assert result.returncode == 0 and result.stdout.count("start") == 9
-    result = run_benchmark(
-        "--out", str(tmp_path / "out"), "--dataset", "folder", "--data-root", str(tmp_path / "empty")
+        "--dataset", "folder", "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "out")
     )
     assert result.returncode == 1
-    assert "4 run(s) failed" in result.stdout and "dcgan-folder-adam_adam-s0.log" in result.stdout
-    assert "run the same command again" in result.stdout
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "toy2d").exists()
