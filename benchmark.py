@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--toy-seeds", type=int, default=5, help="seeds 0..N-1 of every toy configuration")
     parser.add_argument("--toy-epochs", type=int, default=200)
     parser.add_argument("--dcgan-seeds", type=int, default=3, help="seeds 0..N-1 of each DCGAN configuration")
-    parser.add_argument("--dataset", default="shapes", help="the DCGAN's --dataset")
+    parser.add_argument(
+        "--dataset", choices=train_dcgan.DATASETS, default="shapes", help="the DCGAN's --dataset"
+    )
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="the DCGAN's --data-root")
     parser.add_argument("--subset", type=int, default=2048, help="the DCGAN's --subset")
     parser.add_argument(
