@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,12 +196,19 @@ def run_all(jobs: list[Job], args: argparse.Namespace, log_dir: Path) -> list[tu
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs done before; {len(todo)} to run, {args.jobs} at once")
     threads = 1 if args.device == "cpu" else max(1, (os.cpu_count() or 1) // args.jobs)
     failed = []
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), unit="run") as bar:
-        for job, returncode, log_path in pool.map(lambda job: run(job, log_dir, threads), todo):
-            bar.update()
-            if returncode != 0:
-                failed.append((job, log_path))
-                tqdm.write(f"failed: {job.name} (exit code {returncode}); its output: {log_path}")
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
+        with tqdm(total=len(todo), unit="run") as bar:
+            for future in as_completed([pool.submit(run, job, log_dir, threads) for job in todo]):
+                job, returncode, log_path = future.result()
+                bar.update()
+                if returncode != 0:
+                    failed.append((job, log_path))
+                    tqdm.write(f"failed: {job.name} (exit code {returncode}); its output: {log_path}")
+    finally:
+        # On Ctrl-C the runs got it too and are saving their checkpoints: wait for them,
+        # and start no other.
+        pool.shutdown(wait=True, cancel_futures=True)
     return failed
 
 
@@ -331,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except train_dcgan.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    failed = run_all(jobs, args, log_dir)
+    try:
+        failed = run_all(jobs, args, log_dir)
+    except KeyboardInterrupt:
+        print("stopped; the runs saved checkpoints: run the same command again to continue", file=sys.stderr)
+        return 130
     if failed:
         print(f"{len(failed)} run(s) failed; fix the cause and run the same command again to resume:")
         for job, log_path in failed:

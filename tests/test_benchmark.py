@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,30 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid):
     assert (folder / benchmark.DONE_MARKER).is_file()
     epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]
+
+
+def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path):
+    toy_only = ["--toy-seeds", "1", "--toy-epochs", "3", "--dcgan-seeds", "0", "--sweep-robustness"]
+    command = [sys.executable, "benchmark.py", *toy_only, "--jobs", "2", "--out", str(tmp_path)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    grid = subprocess.Popen(
+        command, cwd=ROOT, env=environment, start_new_session=True, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("toy2d/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(grid.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the grid and its runs get it
+    assert grid.wait(timeout=300) == 130
+    assert b"run the same command again" in grid.stderr.read()
+    stopped = [folder for folder in tmp_path.glob("toy2d/*") if not (folder / benchmark.DONE_MARKER).exists()]
+    assert stopped and all((folder / "checkpoint.pt").is_file() for folder in stopped)
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for folder in stopped:
+        assert "--resume" in (tmp_path / "logs" / f"toy2d-{folder.name}.log").read_text()
+        steps = [int(row.split(",")[0]) for row in (folder / "log.csv").read_text().splitlines()[1:]]
+        assert steps == list(range(10, 3 * 79 + 1, 10))  # every 10th of 3 epochs' steps, each once
+        assert (folder / "quality.csv").read_text().splitlines()[-1].startswith("3,")  # the last epoch
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path):
