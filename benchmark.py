@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="robustness values run besides the default 0.5 for the sweep (none: no sweep)",
     )
     parser.add_argument("--sweep-configs", nargs="*", default=["casmo_casmo"], choices=CONFIGS)
-    parser.add_argument("--sweep-seeds", type=int, default=3, help="seeds 0..N-1 of every sweep point")
+    parser.add_argument("--sweep-seeds", type=int, default=2, help="seeds 0..N-1 of every sweep point")
     parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, cuda:1, ...)")
     parser.add_argument(
         "--jobs",

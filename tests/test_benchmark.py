@@ -33,7 +33,7 @@ TINY += ["--sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
 
 def test_default_grid_is_four_configurations_by_several_seeds():
     sets = benchmark.plan(benchmark.parse_args([]))
-    assert [len(jobs) for jobs in sets.values()] == [4 * 5, 4 * 3, 2 * 3]
+    assert [len(jobs) for jobs in sets.values()] == [4 * 5, 4 * 3, 2 * 2]
     toy = sets["toy2d"]
     assert {(job.config, job.seed) for job in toy} == {(c, s) for c in benchmark.CONFIGS for s in range(5)}
     assert all(
