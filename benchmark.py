@@ -5,7 +5,7 @@ table with the machine, versions and date it was measured on.
 
     python benchmark.py                  # the CPU grid (about 2 hours on 2 cores)
     python benchmark.py --small          # a quick look (about 20 minutes on 2 cores)
-    python benchmark.py --dataset tinyimagenet --dcgan-epochs 50 --device cuda   # the full DCGAN
+    python benchmark.py --dataset tinyimagenet --dcgan-steps 0 --device cuda   # the full DCGAN
 
 Runs go to OUT/<set>/<configuration>-s<seed>/, each its own process (one thread on the CPU,
 so its numbers do not depend on the core count). A finished run is skipped and an
@@ -233,7 +233,7 @@ def machine_record(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-# Columns of the results tables: (header, summary.csv column, digits or None for text).
+# Columns of the results tables: (header, summary.csv column).
 TOY_COLUMNS = [
     ("on support (final)", "on_support_final"),
     ("on support (last 3)", "on_support_last3"),
