@@ -4,9 +4,11 @@
     python -m casmo_ext.bench [--device cpu|cuda|all] [--json PATH]
 
 Run it alone on the machine: ratios are only meaningful when nothing else competes
-for the cores. Reported: the median step time, its ratio to fused Adam measured in the
-same process, and the effective bandwidth (the bytes each optimizer must move per
-step: CASMO 9 tensor passes, Adam 7, over the time).
+for the cores. The fast optimizers are timed in interleaved rounds (one step of each
+per round). Reported: the median step time; the median, over rounds, of its ratio to
+fused Adam's step in the same round, and the middle half (quartiles) of those ratios;
+the effective bandwidth (the bytes each optimizer must move per step: CASMO 9 tensor
+passes, Adam 7, over the time).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ PARAMETER_SETS = {
 # Tensor passes over memory per step: CASMO reads g, m, s and writes m, s (pass 1),
 # then reads p, m, s and writes p (pass 2); Adam reads p, g, m, v and writes p, m, v.
 PASSES = {"casmo": 9, "adam": 7}
+MAX_ROUNDS = 1000
 OPTIMIZERS = {
     "casmo_kernel": ("casmo", lambda ps: CASMO(ps, lr=1e-4, fused=True)),
     "casmo_reference": ("casmo", lambda ps: CASMO(ps, lr=1e-4, fused=False)),
@@ -47,42 +50,65 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(make_optimizer, shapes, device, min_repeats: int, min_seconds: float) -> float:
-    """The median wall time of one step() in seconds, after warm-up steps."""
+def make_params(shapes, device) -> list[torch.Tensor]:
+    """The same random parameters and gradients for every optimizer (its own copy)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
-    optimizer = make_optimizer(params)
-    for _ in range(3):
-        optimizer.step()
+    return params
+
+
+def time_rounds(optimizers: dict, device, min_rounds: int, min_seconds: float) -> dict[str, list[float]]:
+    """Step times in seconds, per optimizer, in rounds: each round steps every optimizer
+    once, the order rotating from round to round. A shared VM's speed drifts by tens of
+    percent within seconds; interleaving exposes every optimizer to the same drift, so
+    the ratios between them hold even when the absolute times do not."""
+    for optimizer in optimizers.values():
+        for _ in range(3):
+            optimizer.step()
     synchronize(device)
-    times: list[float] = []
+    names = list(optimizers)
+    times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
-    while len(times) < min_repeats or time.perf_counter() - started < min_seconds:
-        begin = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        times.append(time.perf_counter() - begin)
-        if len(times) >= 1000:
+    for round_index in range(MAX_ROUNDS):
+        if round_index >= min_rounds and time.perf_counter() - started >= min_seconds:
             break
-    return statistics.median(times)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            begin = time.perf_counter()
+            optimizers[name].step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - begin)
+    return times
 
 
-def run(devices, sets, min_repeats: int, min_seconds: float) -> list[dict]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    low, middle, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, middle, high
+
+
+def run(devices, sets, min_rounds: int, min_seconds: float) -> list[dict]:
     rows = []
     for device in devices:
         for set_name in sets:
             shapes = PARAMETER_SETS[set_name]
             numel = sum(torch.Size(s).numel() for s in shapes)
-            results = {}
-            for name, (family, make) in OPTIMIZERS.items():
-                # The reference is slow on big sets: fewer repeats still give a fair median.
-                repeats = 3 if name == "casmo_reference" else min_repeats
-                results[name] = (family, time_step(make, shapes, device, repeats, min_seconds))
-            fused_adam = results["adam_fused"][1]
-            for name, (family, seconds) in results.items():
-                gigabytes = PASSES[family] * numel * 4 / 1e9
+            optimizers = {name: make(make_params(shapes, device)) for name, (_, make) in OPTIMIZERS.items()}
+            # The reference takes a second per step on the big sets: it is timed on its own,
+            # with fewer rounds, after the interleaved rounds of the fast optimizers.
+            reference = {"casmo_reference": optimizers.pop("casmo_reference")}
+            times = time_rounds(optimizers, device, min_rounds, min_seconds)
+            times.update(time_rounds(reference, device, 3, min_seconds))
+            adam = times["adam_fused"]
+            for name, (family, _) in OPTIMIZERS.items():
+                seconds = statistics.median(times[name])
+                if name in optimizers:  # ratios of steps timed in the same round
+                    ratio_low, ratio, ratio_high = quartiles([t / a for t, a in zip(times[name], adam)])
+                else:
+                    ratio_low = ratio = ratio_high = seconds / statistics.median(adam)
                 rows.append(
                     {
                         "device": str(device),
@@ -90,9 +116,11 @@ def run(devices, sets, min_repeats: int, min_seconds: float) -> list[dict]:
                         "tensors": len(shapes),
                         "elements": numel,
                         "optimizer": name,
+                        "steps_timed": len(times[name]),
                         "median_ms": seconds * 1e3,
-                        "vs_adam_fused": seconds / fused_adam,
-                        "effective_GBps": gigabytes / seconds,
+                        "vs_adam_fused": ratio,
+                        "vs_adam_fused_quartiles": [ratio_low, ratio_high],
+                        "effective_GBps": PASSES[family] * numel * 4 / 1e9 / seconds,
                     }
                 )
     return rows
@@ -119,13 +147,14 @@ def machine() -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| device | set | optimizer | median ms | x fused Adam | effective GB/s |",
-        "|---|---|---|---:|---:|---:|",
+        "| device | set | optimizer | median ms | x fused Adam | middle half | effective GB/s |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        low, high = r["vs_adam_fused_quartiles"]
         lines.append(
             f"| {r['device']} | {r['set']} | {r['optimizer']} | {r['median_ms']:.3f} | "
-            f"{r['vs_adam_fused']:.2f} | {r['effective_GBps']:.1f} |"
+            f"{r['vs_adam_fused']:.2f} | {low:.2f}–{high:.2f} | {r['effective_GBps']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -136,8 +165,8 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--sets", nargs="+", choices=list(PARAMETER_SETS), default=list(PARAMETER_SETS))
-    parser.add_argument("--min-repeats", type=int, default=20)
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    parser.add_argument("--min-rounds", type=int, default=30, help="rounds of one step of each optimizer")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="time each set at least this long")
     parser.add_argument("--json", metavar="PATH", help="also write machine info and the rows as JSON")
     args = parser.parse_args()
 
@@ -156,7 +185,7 @@ def main() -> None:
         f"# {info['date']}  torch {info['torch']}  {info['cpu']} ({info['cpu_threads']} threads)"
         + (f"  GPU: {info['gpu']}" if "gpu" in info else "")
     )
-    rows = run(devices, args.sets, args.min_repeats, args.min_seconds)
+    rows = run(devices, args.sets, args.min_rounds, args.min_seconds)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
