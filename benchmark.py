@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import gan_common
 import train_dcgan
 from plot_logs import number
 
@@ -213,22 +213,14 @@ def run_all(jobs: list[Job], args: argparse.Namespace, log_dir: Path) -> list[tu
 
 
 def machine_record(args: argparse.Namespace) -> dict[str, object]:
-    import torch
-
-    import casmo_ext
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        lines = cpuinfo.read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    environment = gan_common.environment()
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "casmo_ext": casmo_ext.build_info(),
+        "cpu": f"{environment['processor']}, {os.cpu_count()} cores",
+        "gpu": environment["cuda_device"] if args.device.startswith("cuda") else None,
+        "python": environment["python"],
+        "torch": environment["torch"],
+        "casmo_ext": environment["casmo_ext"],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 

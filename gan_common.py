@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from casmo_ext import CASMO, build_info
+from casmo_ext.bench import cpu_model
 
 OPTIMIZERS = ("adam", "casmo")
 # Columns every GAN log has, in this order; a script appends its own after these.
@@ -130,7 +131,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "casmo_ext": build_info(),

@@ -254,9 +254,11 @@ def test_shapes_are_seeded_rgb_images():
     assert torch.equal(images, train_dcgan.make_shapes(40, seed=3))
     assert not torch.equal(images, train_dcgan.make_shapes(40, seed=4))
     assert (images[:, 0] != images[:, 1]).any()  # colour, not gray
-    for image in images:  # a plain background and one shape of another colour, at least 8 px across
+    for image in images:  # a plain dark background and one brighter shape, at least 12 px across
         colours, counts = image.flatten(1).unique(dim=1, return_counts=True)
-        assert colours.shape[1] == 2 and counts.min() >= 8 * 8
+        assert colours.shape[1] == 2 and counts.min() >= 12 * 12
+        background, shape = colours[:, counts.argmax()], colours[:, counts.argmin()]
+        assert (shape > background).all()
 
 
 def test_model_shapes():
