@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from closeness import assert_matches_reference
 
 from casmo_ext import CASMO, build_info
 
@@ -16,11 +17,6 @@ needs_cuda = [
     pytest.mark.skipif(not build_info()["cuda_kernel"], reason="built without the CUDA kernels"),
 ]
 
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.bfloat16: dict(rtol=2e-2, atol=1e-4),
-    torch.float16: dict(rtol=2e-2, atol=1e-4),
-}
 # Sizes around the GPU's chunk (65536) and block (256), and an empty tensor.
 SIZES = [(0,), (1,), (257,), (65535,), (65537,), (3, 70001), (128, 64)]
 
@@ -57,12 +53,11 @@ def test_fused_matches_reference(dtype):
     kwargs = dict(lr=1e-2, weight_decay=0.01)
     fused, fused_opt = run({**kwargs, "fused": True}, dtype)
     reference, reference_opt = run({**kwargs, "fused": False}, dtype)
-    for p, q in zip(fused, reference):
-        torch.testing.assert_close(p.float(), q.float(), **TOLERANCE[dtype])
+    for i, (p, q) in enumerate(zip(fused, reference)):
+        assert_matches_reference(p, q, dtype, f"p[{i}]")
+        fused_state, reference_state = fused_opt.state[p], reference_opt.state[q]
         for key in ("m", "s"):
-            torch.testing.assert_close(
-                fused_opt.state[p][key].float(), reference_opt.state[q][key].float(), **TOLERANCE[dtype]
-            )
+            assert_matches_reference(fused_state[key], reference_state[key], dtype, f"{key}[{i}]")
     got, want = fused_opt.group_metrics(), reference_opt.group_metrics()
     for key in ("agar", "confidence"):
         assert got[key] == pytest.approx(want[key], rel=1e-5 if dtype == torch.float32 else 2e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from closeness import TOLERANCE, assert_matches_reference
 
 from casmo_ext import _kernels, build_info, casmo_step_reference
 
@@ -19,17 +20,6 @@ pytestmark = [
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, c_min=0.1, robustness=0.5, rel_floor=0.1)
 # Tensor sizes around the emulated block (32 threads) and the chunk sizes used here.
 AWKWARD_SIZES = [0, 1, 5, 31, 32, 33, 63, 64, 65, 200, 0, 1000]
-# float32 must match the reference to float32 rounding. The 16-bit types store the
-# moments in 16 bits: a rounding flip (the kernels multiply by reciprocals where the
-# reference divides) carries into later steps, where cancellation can leave an
-# element a few ulps of the tensor's scale off; hence an absolute tolerance relative
-# to the tensor's largest element.
-TOLERANCE = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.bfloat16: dict(rtol=2e-2, atol=1e-4),
-    torch.float16: dict(rtol=2e-2, atol=1e-4),
-}
-SCALED_ATOL = {torch.float32: 0.0, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 SUM_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
@@ -99,11 +89,7 @@ class Group:
 def assert_group_close(actual: Group, expected: Group, dtype) -> None:
     for name, xs, ys in zip(("p", "m", "s"), actual.tensors(), expected.tensors()):
         for i, (x, y) in enumerate(zip(xs, ys)):
-            x, y = x.float(), y.float()
-            tolerance = dict(TOLERANCE[dtype])
-            if y.numel():
-                tolerance["atol"] = max(tolerance["atol"], SCALED_ATOL[dtype] * y.abs().max().item())
-            torch.testing.assert_close(x, y, **tolerance, msg=lambda m, name=name, i=i: f"{name}[{i}]: {m}")
+            assert_matches_reference(x, y, dtype, f"{name}[{i}]")
 
 
 def run_against_reference(group: Group, num_steps: int, *, chunk_size=64, **hyper) -> None:

@@ -12,7 +12,7 @@ namespace casmo {
 namespace {
 
 // Threads per emulated block. Smaller than the GPU's 256: each __syncthreads is a
-// std::barrier across real threads, and on a 2-core CI runner a 256-thread barrier
+// barrier across real threads, and on a 2-core CI runner a 256-thread barrier
 // costs ~3.6 ms against ~0.2 ms for 32, which would make the tests that overflow a
 // launch take minutes. The kernels take the block size as a template parameter, so
 // the same code runs; only the reduction trees are shallower (5 levels, not 8).

@@ -2,7 +2,7 @@
 // so the kernels' indexing, packing and reductions are tested where there is no GPU.
 //
 // A launch runs its blocks one after another, each with blockDim.x REAL threads that
-// meet at __syncthreads() on a std::barrier: a missing __syncthreads or a race on
+// meet at __syncthreads() on a barrier: a missing __syncthreads or a race on
 // shared memory shows up as in a real block. Because blocks never overlap,
 // __shared__ can be `static`: one copy per kernel, reused by block after block.
 // Launches are serialised by a mutex, since `static` shared memory is process-wide.
@@ -12,7 +12,7 @@
 #error "cuda_emulation.h is for the host compiler only; nvcc has the real thing"
 #endif
 
-#include <barrier>
+#include <atomic>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -35,8 +35,34 @@ inline thread_local dim3 gridDim;
 
 namespace cuda_emulation {
 
+// A reusable barrier for a fixed number of threads. C++20 has std::barrier, but torch
+// 2.11 (for one) builds extensions as C++17, and this header must build there too.
+// Waiting threads yield rather than sleep: blocks are small and barriers frequent.
+class Barrier {
+ public:
+  explicit Barrier(unsigned int count) : count_(count) {}
+
+  void arrive_and_wait() {
+    // All count_ threads must arrive before generation_ moves, so it cannot move between
+    // this load and this thread's arrival. The acq_rel arrivals and the release of the
+    // new generation order every thread's writes before any thread leaves.
+    const unsigned int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (generation_.load(std::memory_order_acquire) == generation) std::this_thread::yield();
+  }
+
+ private:
+  const unsigned int count_;
+  std::atomic<unsigned int> arrived_{0};
+  std::atomic<unsigned int> generation_{0};
+};
+
 // The barrier of the block being run; set by emulate_launch before its threads start.
-inline std::barrier<>* current_block_barrier = nullptr;
+inline Barrier* current_block_barrier = nullptr;
 
 inline std::mutex& launch_mutex() {
   static std::mutex mutex;
@@ -48,7 +74,7 @@ template <typename... Params, typename... Args>
 void emulate_launch(unsigned int grid, unsigned int block, void (*kernel)(Params...),
                     Args&&... args) {
   std::lock_guard<std::mutex> lock(launch_mutex());
-  std::barrier<> block_barrier(block);
+  Barrier block_barrier(block);
   current_block_barrier = &block_barrier;
   std::vector<std::thread> threads;
   threads.reserve(block);
