@@ -27,6 +27,14 @@
 #include "casmo_math.h"
 #include "casmo_ops.h"
 
+// Full unrolling keeps the kernels' per-thread arrays in registers (the emulation's
+// host compiler needs no hint).
+#if defined(__CUDACC__)
+#define CASMO_UNROLL _Pragma("unroll")
+#else
+#define CASMO_UNROLL
+#endif
+
 namespace casmo {
 namespace cuda_kernels {
 
@@ -36,6 +44,7 @@ constexpr int kMaxTensors = 32;   // tensors per launch; a block's tensor index 
 constexpr int kMaxBlocks = 320;   // chunks (= blocks) per launch
 constexpr int64_t kDefaultChunkSize = 65536;  // elements per block on a real GPU
 constexpr int kCudaBlockSize = 512;           // threads per block (a power of two)
+constexpr int kIlp = 4;                       // elements loaded ahead per thread
 
 // A tensor's step count after this step: a host value, or (capturable) a pointer to a
 // float32 on the device, read inside the kernel so a CUDA graph replays correctly.
@@ -147,15 +156,33 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   scalar_t* __restrict__ m = args.ms[c.slot] + c.begin;
   scalar_t* __restrict__ s = args.ss[c.slot] + c.begin;
 
+  // kIlp elements per thread per round, all loaded before any is computed, so each
+  // thread keeps several loads in flight. Thread t still visits t, t + kBlockSize,
+  // t + 2 kBlockSize, ... in that order, so the sums do not depend on kIlp.
   double agar_acc = 0.0;
-  for (int64_t i = threadIdx.x; i < c.count; i += kBlockSize) {
-    float mi = static_cast<float>(m[i]);
-    float si = static_cast<float>(s[i]);
-    update_moments(static_cast<float>(g[i]), mi, si, h);
-    m[i] = static_cast<scalar_t>(mi);
-    s[i] = static_cast<scalar_t>(si);
-    float m_hat, total;
-    agar_acc += agar(round_to_storage<scalar_t>(mi), round_to_storage<scalar_t>(si), mc, m_hat, total);
+  for (int64_t base = threadIdx.x; base < c.count; base += kIlp * kBlockSize) {
+    float gi[kIlp] = {}, mi[kIlp] = {}, si[kIlp] = {};
+    CASMO_UNROLL
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t i = base + u * kBlockSize;
+      if (i < c.count) {
+        gi[u] = static_cast<float>(g[i]);
+        mi[u] = static_cast<float>(m[i]);
+        si[u] = static_cast<float>(s[i]);
+      }
+    }
+    CASMO_UNROLL
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t i = base + u * kBlockSize;
+      if (i < c.count) {
+        update_moments(gi[u], mi[u], si[u], h);
+        m[i] = static_cast<scalar_t>(mi[u]);
+        s[i] = static_cast<scalar_t>(si[u]);
+        float m_hat, total;
+        agar_acc += agar(round_to_storage<scalar_t>(mi[u]), round_to_storage<scalar_t>(si[u]), mc, m_hat,
+                         total);
+      }
+    }
   }
   const double agar_sum = block_sum<kBlockSize>(agar_acc, reduction_buffer);
   if (threadIdx.x == 0) args.agar_partials[args.partial_offset[c.slot] + c.chunk] = agar_sum;
@@ -177,13 +204,28 @@ __global__ void update_kernel(LaunchArgs<scalar_t> args) {
   const scalar_t* __restrict__ m = args.ms[c.slot] + c.begin;
   const scalar_t* __restrict__ s = args.ss[c.slot] + c.begin;
 
-  double conf_acc = 0.0;
-  for (int64_t i = threadIdx.x; i < c.count; i += kBlockSize) {
-    float m_hat, total, confidence;
-    const float agar_i = agar(static_cast<float>(m[i]), static_cast<float>(s[i]), mc, m_hat, total);
-    p[i] = static_cast<scalar_t>(
-        apply_update(static_cast<float>(p[i]), m_hat, total, agar_i, h, gc, confidence));
-    conf_acc += confidence;
+  double conf_acc = 0.0;  // rounds of kIlp elements, as in moments_kernel
+  for (int64_t base = threadIdx.x; base < c.count; base += kIlp * kBlockSize) {
+    float pi[kIlp] = {}, mi[kIlp] = {}, si[kIlp] = {};
+    CASMO_UNROLL
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t i = base + u * kBlockSize;
+      if (i < c.count) {
+        pi[u] = static_cast<float>(p[i]);
+        mi[u] = static_cast<float>(m[i]);
+        si[u] = static_cast<float>(s[i]);
+      }
+    }
+    CASMO_UNROLL
+    for (int u = 0; u < kIlp; ++u) {
+      const int64_t i = base + u * kBlockSize;
+      if (i < c.count) {
+        float m_hat, total, confidence;
+        const float agar_i = agar(mi[u], si[u], mc, m_hat, total);
+        p[i] = static_cast<scalar_t>(apply_update(pi[u], m_hat, total, agar_i, h, gc, confidence));
+        conf_acc += confidence;
+      }
+    }
   }
   const double conf_sum = block_sum<kBlockSize>(conf_acc, reduction_buffer);
   if (threadIdx.x == 0) args.conf_partials[args.partial_offset[c.slot] + c.chunk] = conf_sum;
