@@ -145,6 +145,23 @@ __device__ __forceinline__ Hyper block_hyper(const LaunchArgs<scalar_t>& args) {
   return h;
 }
 
+// One round of a thread's loads: elements base + u * kBlockSize (u < kIlp) of three
+// tensors, as float; those past `count` stay as they were.
+template <int kBlockSize, typename scalar_t>
+__device__ __forceinline__ void load_round(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                           const scalar_t* __restrict__ c, int64_t base, int64_t count,
+                                           float (&a_out)[kIlp], float (&b_out)[kIlp], float (&c_out)[kIlp]) {
+  CASMO_UNROLL
+  for (int u = 0; u < kIlp; ++u) {
+    const int64_t i = base + u * kBlockSize;
+    if (i < count) {
+      a_out[u] = static_cast<float>(a[i]);
+      b_out[u] = static_cast<float>(b[i]);
+      c_out[u] = static_cast<float>(c[i]);
+    }
+  }
+}
+
 // Stage 1: m, s of one chunk; the chunk's sum of agar_i into agar_partials.
 template <typename scalar_t, int kBlockSize>
 __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
@@ -162,15 +179,7 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   double agar_acc = 0.0;
   for (int64_t base = threadIdx.x; base < c.count; base += kIlp * kBlockSize) {
     float gi[kIlp] = {}, mi[kIlp] = {}, si[kIlp] = {};
-    CASMO_UNROLL
-    for (int u = 0; u < kIlp; ++u) {
-      const int64_t i = base + u * kBlockSize;
-      if (i < c.count) {
-        gi[u] = static_cast<float>(g[i]);
-        mi[u] = static_cast<float>(m[i]);
-        si[u] = static_cast<float>(s[i]);
-      }
-    }
+    load_round<kBlockSize>(g, m, s, base, c.count, gi, mi, si);
     CASMO_UNROLL
     for (int u = 0; u < kIlp; ++u) {
       const int64_t i = base + u * kBlockSize;
@@ -207,15 +216,7 @@ __global__ void update_kernel(LaunchArgs<scalar_t> args) {
   double conf_acc = 0.0;  // rounds of kIlp elements, as in moments_kernel
   for (int64_t base = threadIdx.x; base < c.count; base += kIlp * kBlockSize) {
     float pi[kIlp] = {}, mi[kIlp] = {}, si[kIlp] = {};
-    CASMO_UNROLL
-    for (int u = 0; u < kIlp; ++u) {
-      const int64_t i = base + u * kBlockSize;
-      if (i < c.count) {
-        pi[u] = static_cast<float>(p[i]);
-        mi[u] = static_cast<float>(m[i]);
-        si[u] = static_cast<float>(s[i]);
-      }
-    }
+    load_round<kBlockSize>(p, m, s, base, c.count, pi, mi, si);
     CASMO_UNROLL
     for (int u = 0; u < kIlp; ++u) {
       const int64_t i = base + u * kBlockSize;
