@@ -17,8 +17,9 @@ needs_cuda = [
     pytest.mark.skipif(not build_info()["cuda_kernel"], reason="built without the CUDA kernels"),
 ]
 
-# Sizes around the GPU's chunk (65536) and block (256), and an empty tensor.
-SIZES = [(0,), (1,), (257,), (65535,), (65537,), (3, 70001), (128, 64)]
+# Sizes around the GPU's chunk (65536 elements) and its round of loads (512 threads x 4),
+# and an empty tensor.
+SIZES = [(0,), (1,), (257,), (2049,), (65535,), (65537,), (3, 70001), (128, 64)]
 
 
 def cuda_test(fn):
