@@ -11,11 +11,12 @@
 namespace casmo {
 namespace {
 
-// Threads per emulated block. Smaller than the GPU's 256: each __syncthreads is a
-// barrier across real threads, and on a 2-core CI runner a 256-thread barrier
-// costs ~3.6 ms against ~0.2 ms for 32, which would make the tests that overflow a
-// launch take minutes. The kernels take the block size as a template parameter, so
-// the same code runs; only the reduction trees are shallower (5 levels, not 8).
+// Threads per emulated block. Smaller than the GPU's 512 (kCudaBlockSize): each
+// __syncthreads is a barrier across real threads, and on a 2-core CI runner a
+// 256-thread barrier cost ~3.6 ms against ~0.2 ms for 32 (measured with std::barrier),
+// which would make the tests that overflow a launch take minutes. The kernels take the
+// block size as a template parameter, so the same code runs; only the reduction trees
+// are shallower (5 levels, not 9).
 constexpr int kEmulatedBlockSize = 32;
 
 struct EmulatedLauncher {
