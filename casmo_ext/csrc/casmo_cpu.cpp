@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "casmo_math.h"
 #include "casmo_ops.h"
@@ -146,26 +147,18 @@ struct Item {
   int64_t end;
 };
 
-// Splits items into contiguous runs of about equal element count, one per thread.
+// Runs body(item, index) over all items on the intra-op threads. Each thread claims the
+// next unclaimed item until none is left, so a thread slowed by a busy core (a shared VM)
+// does less of the work instead of holding up the others. Callers store each item's
+// result by its index and add the results up in index order: sums stay deterministic.
 template <typename F>
 void parallel_over_items(const std::vector<Item>& items, F&& body) {
-  if (items.empty()) return;
-  int64_t total = 0;
-  for (const Item& it : items) total += it.end - it.begin;
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size())));
-  std::vector<int64_t> bounds{0};
-  int64_t seen = 0;
-  for (size_t k = 0; k < items.size(); ++k) {
-    seen += items[k].end - items[k].begin;
-    if (static_cast<int64_t>(bounds.size()) < parts && seen * parts >= total * static_cast<int64_t>(bounds.size()))
-      bounds.push_back(static_cast<int64_t>(k) + 1);
-  }
-  while (static_cast<int64_t>(bounds.size()) <= parts) bounds.push_back(static_cast<int64_t>(items.size()));
-  bounds.back() = static_cast<int64_t>(items.size());
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    for (int64_t part = part_begin; part < part_end; ++part)
-      for (int64_t k = bounds[part]; k < bounds[part + 1]; ++k) body(items[k], k);
+  const int64_t count = static_cast<int64_t>(items.size());
+  if (count == 0) return;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < count; k = next.fetch_add(1)) body(items[k], k);
   });
 }
 
