@@ -16,7 +16,6 @@ output is in OUT/logs/. The figures and tables are in OUT/plots/; the results in
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -30,8 +29,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import gan_common
+import plot_logs
 import train_dcgan
-from plot_logs import number
 
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
 DEFAULT_ROBUSTNESS = 0.5  # CASMO's default, which the main grid uses
@@ -166,8 +165,7 @@ def prepare_data(args: argparse.Namespace) -> None:
     if args.dataset == "shapes":
         return
     for seed in range(args.dcgan_seeds):
-        options = dict(dataset=args.dataset, data_root=args.data_root, subset=args.subset, seed=seed)
-        train_dcgan.load_images(argparse.Namespace(**options, workers=os.cpu_count() or 1))
+        train_dcgan.load_images(args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1)
 
 
 def run(job: Job, log_dir: Path, threads: int) -> tuple[Job, int, Path]:
@@ -212,19 +210,6 @@ def run_all(jobs: list[Job], args: argparse.Namespace, log_dir: Path) -> list[tu
     return failed
 
 
-def machine_record(args: argparse.Namespace) -> dict[str, object]:
-    environment = gan_common.environment()
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": f"{environment['processor']}, {os.cpu_count()} cores",
-        "gpu": environment["cuda_device"] if args.device.startswith("cuda") else None,
-        "python": environment["python"],
-        "torch": environment["torch"],
-        "casmo_ext": environment["casmo_ext"],
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-
-
 # Columns of the results tables: (header, summary.csv column).
 TOY_COLUMNS = [
     ("on support (final)", "on_support_final"),
@@ -250,43 +235,16 @@ DCGAN_COLUMNS = [
 ]
 
 
-def summary_table(summary_csv: Path, columns: list[tuple[str, str]]) -> list[str]:
-    """The configuration rows of plot_logs.py's summary.csv: mean ± std over seeds."""
-    with open(summary_csv, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["scope"] == "configuration"]
-    lines = [
-        "| configuration | seeds | " + " | ".join(title for title, _ in columns) + " |",
-        "|---|---|" + "---|" * len(columns),
-    ]
-    for row in rows:
-        cells = [row["name"], str(len(row["seeds"].split(",")))]
-        for _, key in columns:
-            value, spread = row.get(key, ""), row.get(f"{key}_std", "")
-            cells.append(number_with_spread(value, spread) if is_number(value) else value or "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def number_with_spread(value: str, spread: str) -> str:
-    return number(float(value)) + (f" ± {number(float(spread))}" if spread else "")
-
-
-def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], plots: Path) -> Path:
-    record = machine_record(args)
+def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: dict[str, list[dict]]) -> Path:
+    """results.md: per set, the configuration rows of plot_logs.py's summary, with the machine
+    record; machine.json beside it."""
+    record = gan_common.environment()
+    gpu = f", GPU {record['gpu']}" if record["gpu"] and args.device.startswith("cuda") else ""
     lines = [
         "# CASMO GAN-stability benchmark: results",
         "",
-        f"Measured {record['date']} on {record['cpu']}"
-        + (f", GPU {record['gpu']}" if record["gpu"] else "")
-        + f"; Python {record['python']}, torch {record['torch']}; command `{record['command']}`.",
+        f"Measured {record['date']} on {record['cpu']} ({record['cpu_cores']} cores){gpu}; "
+        f"Python {record['python']}, torch {record['torch']}; command `{record['command']}`.",
         "Every number is mean ± sample std over seeds (plot_logs.py's summary.csv, configuration rows).",
         "",
     ]
@@ -301,7 +259,8 @@ def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], plots: P
     for name in sets:
         columns = DCGAN_COLUMNS if name.startswith("dcgan") else TOY_COLUMNS
         lines += [f"## {name}", "", captions[name], ""]
-        lines += summary_table(plots / name / "summary.csv", columns) + [""]
+        configurations = [row for row in rows[name] if row["scope"] == "configuration"]
+        lines += plot_logs.markdown_table(configurations, columns) + [""]
     lines += [
         "Definitions: plot_logs.py's summary.md in each plots folder. *final*: the last evaluation "
         "(quality) or the mean of the last 10% of logged steps (losses); *G loss std*: over all "
@@ -340,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         for job, log_path in failed:
             print(f"  {job.name}: {log_path}")
         return 1
-    plots = args.out / "plots"
+    plots, rows = args.out / "plots", {}
     for name, set_jobs in sets.items():
         folders = [str(job.folder) for job in set_jobs]
         extra = []
@@ -352,12 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                 if job.config in args.sweep_configs and job.seed < args.sweep_seeds
             ]
             extra = ["--group-by", "robustness"]
-        command = [sys.executable, "plot_logs.py", *folders, "--out", str(plots / name), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
-        if result.returncode != 0:
-            print(f"plot_logs.py failed on {name}:\n{result.stdout}{result.stderr}", file=sys.stderr)
+        try:
+            rows[name] = plot_logs.report(
+                plot_logs.parse_args([*folders, "--out", str(plots / name), *extra])
+            )
+        except plot_logs.NotARun as error:
+            print(f"plot_logs.py failed on {name}: {error}", file=sys.stderr)
             return 1
-    results = write_results(args, sets, plots)
+    results = write_results(args, sets, rows)
     minutes = (time.perf_counter() - started) / 60
     print(f"grid done in {minutes:.0f} min: {len(jobs)} runs in {args.out}/, figures in {plots}/<set>/")
     print(f"results table: {results}")

@@ -27,6 +27,8 @@ import matplotlib.ticker as ticker
 import numpy as np
 from tqdm import tqdm
 
+import gan_common
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -75,8 +77,6 @@ D_STUCK_MAX_CHANGE = 0.1  # ... and within this of its initial value: D never le
 STABLE_MAX_CV = 0.2  # std / |mean| of the last 20 % of D and G loss below this: stabilised
 G_TREND_MIN_CHANGE = 0.05  # fitted change over the last half, relative to its mean level; less is "flat"
 WILD_OSCILLATION_RATIO = 0.5  # std of row-to-row changes / mean |loss| above this (D or G): wild
-D_DOMINATES_DX = 0.8  # a logged step where D(x) > 0.8 ...
-D_DOMINATES_DGZ = 0.2  # ... and D(G(z)) < 0.2 counts as dominated by the discriminator
 QUALITY_LAST_N = 3  # quality is also averaged over the last 3 evaluations
 
 # One colour per configuration, the same in every figure.
@@ -121,6 +121,17 @@ STYLE = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        report(args)
+    except NotARun as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Draws every figure and writes the tables for the runs in args.run_dirs; returns the
+    summary rows (summary.csv's). Raises NotARun when no folder is a readable run."""
     candidates = expand_run_dirs(args.run_dirs)
     runs, skipped = load_runs(candidates)
     for run in runs:
@@ -130,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     if not runs:
-        print(f"error: none of the {len(candidates)} folder(s) is a readable run folder", file=sys.stderr)
-        return 1
+        raise NotARun(f"none of the {len(candidates)} folder(s) is a readable run folder")
     out = args.out.resolve()
     if not args.into_run:
         refuse_outputs_inside_runs(out, runs)
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per-run figures: {out}/<run>/ for {len(runs)} run(s): {', '.join(run.name for run in runs)}")
     print(f"comparison figures: {', '.join(str(path) for path in compare_files)}")
     print(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}")
-    return 0
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +762,7 @@ def run_summary(run: Run) -> dict[str, object]:
     for network, values in (("d", d_loss), ("g", g_loss)):
         summary.update({f"{network}_{name}": value for name, value in loss_statistics(values).items()})
     summary.update(convergence_checks(d_loss, g_loss, run.steps))
-    summary["d_dominated_share"] = dominated_share(run.log["d_x"], run.log["d_g_z"])
+    summary["d_dominated_share"] = dominated_share(run)
     summary.update(final_quality(run))
     summary["steps_per_sec_median"] = nan_median(run.log["steps_per_sec"])
     return summary
@@ -846,11 +856,14 @@ def oscillation(values: np.ndarray) -> float:
     return float(np.diff(values).std() / level) if len(values) >= 3 and level > 0 else math.nan
 
 
-def dominated_share(d_x: np.ndarray, d_g_z: np.ndarray) -> float:
+def dominated_share(run: Run) -> float:
+    """The share of logged steps where D won outright (gan_common.d_dominated)."""
+    d_x, d_g_z = run.log["d_x"], run.log["d_g_z"]
     logged = np.isfinite(d_x) & np.isfinite(d_g_z)
     if not logged.any():
         return math.nan
-    return float(np.mean((d_x[logged] > D_DOMINATES_DX) & (d_g_z[logged] < D_DOMINATES_DGZ)))
+    real_label = gan_common.real_label(run.args.get("label_smooth", 0.9), run.args.get("real_label_range"))
+    return float(np.mean(gan_common.d_dominated(d_x[logged], d_g_z[logged], real_label)))
 
 
 def final_quality(run: Run) -> dict[str, object]:
@@ -1034,8 +1047,9 @@ CHECKS_CAPTION = "\n".join(
         f"within ±{G_TREND_MIN_CHANGE} is *flat*.",
         "- *wild oscillation*: std of the change between consecutive logged steps, "
         f"relative to the mean |loss|, > {WILD_OSCILLATION_RATIO} for D or G.",
-        "- *D-dominated share*: share of logged steps with "
-        f"D(x) > {D_DOMINATES_DX} and D(G(z)) < {D_DOMINATES_DGZ}.",
+        "- *D-dominated share*: share of logged steps where D won outright: "
+        f"D(G(z)) < {gan_common.DOMINANCE_FAKE} and D(x) within {gan_common.DOMINANCE_REAL_MARGIN} "
+        "of D's real label (0.9 by default).",
         f"- Quality: the last evaluation in quality.csv; *last {QUALITY_LAST_N}*: "
         f"mean of the last {QUALITY_LAST_N} evaluations. steps/s: median over logged steps.",
         "- Toy only: *ever covers both*: some evaluation had coverage_ok (more than 90% of the samples "

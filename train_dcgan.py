@@ -19,14 +19,12 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
 import urllib.error
-import urllib.request
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 import gan_common
-from gan_common import positive_int
+from gan_common import RunError, positive_int
 
 SCRIPT = "train_dcgan.py"
 DATASETS = ("tinyimagenet", "folder", "cifar10", "mnist", "fashion-mnist", "shapes")
@@ -51,19 +49,21 @@ IMAGE_SIZE = 64
 NZ = 100
 GRID_SAMPLES = 64
 DIVERSITY_SAMPLES = 256
-# Health checks. D "wins outright" when it rejects fakes and is as sure of the reals as its
-# labels allow (with real label 0.9 the best D(x) is 0.9, so "near 1" means near the label).
-DOMINANCE_FAKE = 0.05
-DOMINANCE_REAL_MARGIN = 0.15
-DOMINANCE_PATIENCE_STEPS = 200
+DOMINANCE_PATIENCE_STEPS = 200  # warn once D has won outright (gan_common.d_dominated) this long
 COLLAPSE_RATIO = 0.3
 COLLAPSE_GRACE_STEPS = 500
 STABILISER_HINT = (
     "try --lr-d 5e-5, --instance-noise 0.1, --d-every 2, --label-smooth 0.8, "
     "--real-label-range 0.7 1.0 or --d-dropout 0.3"
 )
-# Arguments a resumed run may change; everything else comes from the run's config.json.
-RESUME_OVERRIDABLE = {"resume", "epochs", "max_steps", "device", "log_every", "sample_every", "workers"}
+# Arguments a resumed run may change; the others must equal the run's own (config.json).
+RESUME_MAY_CHANGE = {"epochs", "max_steps", "device", "log_every", "sample_every", "workers"}
+# Arguments that define the training trajectory; a checkpoint must match them all.
+TRAJECTORY_ARGS = (
+    "dataset", "subset", "bs", "g_opt", "d_opt", "lr_g", "lr_d", "beta1", "beta2", "robustness", "c_min",
+    "rel_floor", "amp", "seed", "label_smooth", "real_label_range", "fake_label_range", "instance_noise",
+    "d_every", "d_dropout",
+)  # fmt: skip
 QUALITY_COLUMNS = [
     "epoch",
     "step",
@@ -136,12 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace, device: torch.device) -> None:
+    if args.amp != "off" and device.type != "cuda":
+        raise RunError(f"--amp {args.amp} needs a CUDA device; leave --amp off on {device}")
+    if not 0.0 <= args.d_dropout < 1.0:
+        raise RunError(f"--d-dropout must lie in [0, 1), got {args.d_dropout}")
+    if args.instance_noise < 0:
+        raise RunError(f"--instance-noise must be >= 0, got {args.instance_noise}")
+    for option, bounds in (
+        ("--real-label-range", args.real_label_range),
+        ("--fake-label-range", args.fake_label_range),
+    ):
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise RunError(f"{option} LO HI needs LO <= HI, got {bounds[0]} {bounds[1]}")
+
+
 class DataError(Exception):
     """A problem with the data the user can fix; main() prints it without a traceback."""
-
-
-class BadRun(Exception):
-    """A resume that cannot continue; main() prints it without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,53 +227,28 @@ def find_tinyimagenet(data_root: Path) -> Path:
 
 
 def download_tinyimagenet(data_root: Path) -> None:
-    """Downloads the official zip to a .part file, checks its size and MD5, extracts it."""
+    """The official zip, checked against its MD5 and extracted, through torchvision's
+    downloader (a damaged or partial zip fails the check and is downloaded again)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
     url = os.environ.get("CASMO_TINYIMAGENET_URL", TINYIMAGENET_URL)
-    zip_path = data_root / "tiny-imagenet-200.zip"
-    data_root.mkdir(parents=True, exist_ok=True)
-    if not zip_path.exists():
-        part = Path(f"{zip_path}.part")
-        tqdm.write(f"Tiny ImageNet is not in {data_root}; downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
-                total = int(response.headers.get("Content-Length") or TINYIMAGENET_BYTES)
-                with tqdm(total=total, unit="B", unit_scale=True, desc="tiny-imagenet-200.zip") as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            part.unlink(missing_ok=True)
-            raise DataError(
-                f"Tiny ImageNet is not in {data_root} and downloading it from {url} failed ({error}). "
-                f"Download tiny-imagenet-200.zip ({TINYIMAGENET_BYTES:,} bytes, MD5 {TINYIMAGENET_MD5}) "
-                f"on a machine with internet access and extract it into {data_root}, so that "
-                f"{data_root / 'tiny-imagenet-200' / 'wnids.txt'} exists, or point --data-root at it. "
-                "To try the script without any download, run it with --dataset shapes."
-            ) from None
-        os.replace(part, zip_path)
-    check_zip(zip_path)
-    # Extract next to the target and rename, so an interrupted extraction leaves no half folder.
-    staging = data_root / ".tiny-imagenet-200.extracting"
-    with zipfile.ZipFile(zip_path) as archive:
-        archive.extractall(staging)
-    os.replace(staging / "tiny-imagenet-200", data_root / "tiny-imagenet-200")
-    staging.rmdir()
-
-
-def check_zip(zip_path: Path) -> None:
-    size = zip_path.stat().st_size
-    md5 = hashlib.md5()
-    with open(zip_path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            md5.update(chunk)
-    if size != TINYIMAGENET_BYTES or md5.hexdigest() != TINYIMAGENET_MD5:
-        bad = Path(f"{zip_path}.bad")
-        os.replace(zip_path, bad)
+    tqdm.write(f"Tiny ImageNet is not in {data_root}; downloading {url}")
+    socket.setdefaulttimeout(30)  # urllib would otherwise wait forever offline
+    try:
+        download_and_extract_archive(url, str(data_root), md5=TINYIMAGENET_MD5)
+    except (urllib.error.URLError, OSError, ValueError) as error:
         raise DataError(
-            f"{zip_path} is not the official archive ({size:,} bytes, MD5 {md5.hexdigest()}; expected "
-            f"{TINYIMAGENET_BYTES:,} bytes, MD5 {TINYIMAGENET_MD5}); moved it to {bad}. Run again to "
-            "download it afresh."
-        )
+            f"Tiny ImageNet is not in {data_root} and downloading it from {url} failed ({error}). "
+            f"Download tiny-imagenet-200.zip ({TINYIMAGENET_BYTES:,} bytes, MD5 {TINYIMAGENET_MD5}) "
+            f"on a machine with internet access and extract it into {data_root}, so that "
+            f"{data_root / 'tiny-imagenet-200' / 'wnids.txt'} exists, or point --data-root at it. "
+            "To try the script without any download, run it with --dataset shapes."
+        ) from None
+    except RuntimeError:  # torchvision's "File not found or corrupted." after the MD5 check
+        raise DataError(
+            f"the file downloaded from {url} is not the official archive (MD5 {TINYIMAGENET_MD5}); "
+            "run again to download it afresh, or download and extract it by hand"
+        ) from None
 
 
 def decode_image(path: Path) -> torch.Tensor:
@@ -339,30 +325,31 @@ def torchvision_subset(name: str, data_root: Path, size: int, seed: int) -> tupl
     return images.round().clamp(0, 255).to(torch.uint8), indices
 
 
-def load_images(args: argparse.Namespace) -> torch.Tensor:
+def load_images(dataset: str, data_root: Path, subset: int, seed: int, workers: int = 4) -> torch.Tensor:
     """The run's images as uint8 (N, 3, 64, 64). Real datasets are decoded once and cached
-    in DATA_ROOT/cache, keyed by dataset, subset and seed; shapes are generated afresh."""
-    if args.dataset == "shapes":
-        return make_shapes(args.subset, args.seed)
-    data_root = Path(args.data_root)
-    cache = data_root / "cache" / f"{args.dataset}-{args.subset}-s{args.seed}.pt"
+    in DATA_ROOT/cache, keyed by dataset, subset and seed; shapes are generated afresh.
+    The decoding is this file's own (Pillow, bicubic, centre crop) rather than torchvision's
+    transforms, whose resampling differs, so that cached subsets and results stay the same."""
+    if dataset == "shapes":
+        return make_shapes(subset, seed)
+    data_root = Path(data_root)
+    cache = data_root / "cache" / f"{dataset}-{subset}-s{seed}.pt"
     if cache.is_file():
         try:
-            cached = torch.load(cache, weights_only=True)
-            images = cached["images"]
+            images = torch.load(cache, weights_only=True)["images"]
             if images.dtype == torch.uint8 and images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE):
                 return images
         except Exception:  # a damaged cache is rebuilt below
             pass
         tqdm.write(f"note: {cache} is damaged; decoding the images again")
-    if args.dataset == "tinyimagenet":
-        images, sources = tinyimagenet_subset(data_root, args.subset, args.seed, args.workers)
-    elif args.dataset == "folder":
-        images, sources = folder_subset(data_root, args.subset, args.seed, args.workers)
+    if dataset == "tinyimagenet":
+        images, sources = tinyimagenet_subset(data_root, subset, seed, workers)
+    elif dataset == "folder":
+        images, sources = folder_subset(data_root, subset, seed, workers)
     else:
-        images, sources = torchvision_subset(args.dataset, data_root, args.subset, args.seed)
+        images, sources = torchvision_subset(dataset, data_root, subset, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"images": images, "sources": sources, "dataset": args.dataset, "seed": args.seed}
+    payload = {"images": images, "sources": sources, "dataset": dataset, "seed": seed}
     gan_common.save_checkpoint(cache, payload)  # atomic: a temporary file, then a rename
     tqdm.write(f"cached {len(images)} decoded images in {cache}")
     return images
@@ -429,10 +416,10 @@ def init_weights(module: nn.Module) -> None:
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> torch.Tensor:
+    # cdist, not pdist: pdist's sum differs in the 6th digit, which would change the logged
+    # ratios of runs made before.
     flat = images.flatten(1).float()
-    distances = torch.cdist(flat, flat)
-    n = len(flat)
-    return distances.sum() / (n * (n - 1))
+    return torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))
 
 
 def diversity_ratio(generated: torch.Tensor, real: torch.Tensor) -> float:
@@ -448,508 +435,635 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------
 
-
-def resolve_args(argv: list[str] | None) -> argparse.Namespace:
-    """The parsed arguments; with --resume, the run's own arguments from its config.json,
-    with only the ones in RESUME_OVERRIDABLE taken from the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
-    config = gan_common.read_config(Path(args.resume), SCRIPT)
-    # Parse again into a namespace pre-filled with a marker: argparse fills in defaults
-    # only where the namespace lacks a value, so what is not the marker was given.
-    unset = object()
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    given = {name: value for name, value in vars(probe).items() if value is not unset}
-    # Options added since the run started take their defaults.
-    defaults = {name: parser.get_default(name) for name in vars(args)}
-    saved = argparse.Namespace(**{**defaults, **config["args"]})
-    for name, value in given.items():
-        if name in RESUME_OVERRIDABLE:
-            setattr(saved, name, value)
-        elif value != getattr(saved, name, None):
-            option = "--" + name.replace("_", "-")
-            raise BadRun(
-                f"{option} cannot change when resuming (the run used {getattr(saved, name, None)!r})"
-            )
-    saved.out = args.resume
-    return saved
-
-
-def check_args(args: argparse.Namespace, device: torch.device) -> None:
-    if args.amp != "off" and device.type != "cuda":
-        raise BadRun(f"--amp {args.amp} needs a CUDA device; leave --amp off on {device}")
-    if not 0.0 <= args.d_dropout < 1.0:
-        raise BadRun(f"--d-dropout must lie in [0, 1), got {args.d_dropout}")
-    if args.instance_noise < 0:
-        raise BadRun(f"--instance-noise must be >= 0, got {args.instance_noise}")
-    for option, bounds in (
-        ("--real-label-range", args.real_label_range),
-        ("--fake-label-range", args.fake_label_range),
-    ):
-        if bounds is not None and bounds[0] > bounds[1]:
-            raise BadRun(f"{option} LO HI needs LO <= HI, got {bounds[0]} {bounds[1]}")
-
-
 # ---------------------------------------------------------------------------------------
-# Several processes: torchrun starts one per device and sets WORLD_SIZE, RANK and LOCAL_RANK.
+# Processes: torchrun starts one per device and sets WORLD_SIZE, RANK and LOCAL_RANK.
 # A plain `python train_dcgan.py` is one process with no process group and no DDP wrapper.
 
 
-def join_processes(args: argparse.Namespace) -> tuple[torch.device, int, int, dist.ProcessGroup | None]:
-    """The device, this process's rank and the world size. Under torchrun it also joins the
-    process group (NCCL on GPUs, gloo on the CPU) and returns a gloo group for the small
-    host-side exchanges (stop flags, RNG states, checksums), which so need no device sync."""
+@dataclass
+class Ranks:
+    """This process's place among the run's processes (rank 0 of 1 without torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    control_group: dist.ProcessGroup | None = None  # gloo: host-side exchanges with no device sync
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that prints and writes the run folder."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A copy summed over ranks, on the device (NCCL's all-reduce takes device tensors)."""
+        if not self.distributed:
+            return values
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
+    def mean(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a user reads as one number (a loss, D(x)) is the mean over ranks: an
+        all-reduce, so called on logged steps only."""
+        if not self.distributed:
+            return values
+        return tuple(self.sum(torch.stack([value.detach().float() for value in values])) / self.world_size)
+
+    def gather(self, value) -> list:
+        if not self.distributed:
+            return [value]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.control_group)
+        return gathered
+
+    def agreed_stop(self, signum: int) -> int:
+        """The signal that stops the run, 0 while none came. The ranks agree after every
+        step: a rank stopping alone would leave the others waiting in DDP's all-reduce."""
+        if not self.distributed:
+            return signum
+        flag = torch.tensor(signum)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return int(flag)
+
+
+def join_processes(args: argparse.Namespace) -> Ranks:
+    """This process's device and rank. Under torchrun it also joins the process group (NCCL
+    on GPUs, gloo on the CPU) and makes a gloo group for the small host-side exchanges."""
     device = gan_common.pick_device(args.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return device, 0, 1, None
+        return Ranks(device)
     if device.type == "cuda":
         if device.index is not None:
-            raise BadRun(
+            raise RunError(
                 f"--device {args.device} names one GPU; under torchrun each process takes "
                 "cuda:LOCAL_RANK, so pass --device cuda or auto"
             )
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     elif args.sync_bn:
-        raise BadRun("--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation")
+        raise RunError("--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world_size, dist.new_group(backend="gloo")
+    return Ranks(device, dist.get_rank(), world_size, dist.new_group(backend="gloo"))
 
 
-def check_replicas(
-    modules: list[nn.Module], run_dir: Path, rank: int, world_size: int, group: dist.ProcessGroup
-) -> None:
+def check_replicas(modules: list[nn.Module], run_dir: Path, ranks: Ranks) -> None:
     """Rank 0 gathers a checksum of every rank's parameters and writes replicas.json. DDP
     averages the gradients before each step, so identical replicas show that every rank's
     optimizer (CASMO's gate included) took the same steps. Buffers are left out: with plain
     BatchNorm each rank keeps its own running statistics, which training never reads."""
     flat = torch.cat([p.detach().float().flatten().cpu() for module in modules for p in module.parameters()])
     mine = {
-        "rank": rank,
+        "rank": ranks.rank,
         "sum": flat.double().sum().item(),
         "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
     }
-    checksums: list = [None] * world_size
-    dist.all_gather_object(checksums, mine, group=group)
-    if rank == 0:
+    checksums = ranks.gather(mine)
+    if ranks.is_main:
         identical = len({checksum["sha256"] for checksum in checksums}) == 1
-        report = {"world_size": world_size, "identical": identical, "ranks": checksums}
+        report = {"world_size": ranks.world_size, "identical": identical, "ranks": checksums}
         gan_common.atomic_write_text(run_dir / "replicas.json", json.dumps(report, indent=2) + "\n")
         verdict = "identical" if identical else "DIFFERENT (see replicas.json)"
-        print(f"parameters on the {world_size} processes: {verdict}")
+        print(f"parameters on the {ranks.world_size} processes: {verdict}")
 
 
-# Arguments that define the training trajectory; a checkpoint must match them all.
-TRAJECTORY_ARGS = (
-    "dataset", "subset", "bs", "g_opt", "d_opt", "lr_g", "lr_d", "beta1", "beta2", "robustness", "c_min",
-    "rel_floor", "amp", "seed", "label_smooth", "real_label_range", "fake_label_range", "instance_noise",
-    "d_every", "d_dropout",
-)  # fmt: skip
+# ---------------------------------------------------------------------------------------
+# The run's state
+
+
+@dataclass
+class Run:
+    """What stays fixed through a session: arguments, processes, data, evaluation inputs."""
+
+    args: argparse.Namespace
+    ranks: Ranks
+    run_dir: Path
+    images: torch.Tensor  # uint8, on the device: batches are drawn there, with no loader
+    steps_per_epoch: int
+    amp_dtype: torch.dtype | None
+    grid_noise: torch.Tensor
+    diversity_noise: torch.Tensor
+    real_reference: torch.Tensor
+    data_order: torch.Generator  # shuffles each epoch; its state is checkpointed
+
+    @property
+    def global_batch(self) -> int:
+        """One step takes --bs images on each process."""
+        return self.args.bs * self.ranks.world_size
+
+    @property
+    def real_label(self) -> float:
+        return gan_common.real_label(self.args.label_smooth, self.args.real_label_range)
+
+    def autocast(self):
+        return torch.autocast(
+            self.ranks.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
+
+
+@dataclass
+class Nets(gan_common.Nets):
+    scaler: torch.amp.GradScaler | None = None
+    # Training runs through DDP's wrappers under torchrun; checkpoints and grids use the
+    # modules inside (no "module." prefix).
+    g_net: nn.Module | None = None
+    d_net: nn.Module | None = None
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches done of the current epoch
+    total_steps: int = 0  # where this session stops
+    epoch_order_state: torch.Tensor | None = None  # data_order's state when this epoch's shuffle was drawn
+    # agar_d, conf_d and grad_norm_d of D's latest update, for log rows of steps where D did
+    # not learn; checkpointed, since CASMO keeps its metrics outside its state dict.
+    d_figures: dict = field(default_factory=dict)
+
+
+@dataclass
+class EpochSums:
+    """This rank's sums over the epoch's steps, kept on the device (no host sync per step)."""
+
+    values: torch.Tensor  # loss_d, loss_g, d_x, d_g_z, dominated, D steps
+    NAMES = ("loss_d", "loss_g", "d_x", "d_g_z", "dominated", "d_steps")
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochSums:
+        return cls(torch.zeros(len(cls.NAMES), device=device))
+
+    def add(self, result: StepResult) -> None:
+        if result.trained_d:
+            d_part = [
+                result.loss_d,
+                result.d_x,
+                result.d_g_z,
+                result.dominated.float(),
+                torch.ones_like(result.d_x),
+            ]
+            self.values[[0, 2, 3, 4, 5]] += torch.stack(d_part)
+        self.values[1] += result.loss_g
+
+    def means(self, ranks: Ranks, steps: int) -> dict[str, float]:
+        """The epoch's means over all ranks: D's over the steps D learned, G's over all."""
+        total = dict(zip(self.NAMES, ranks.sum(self.values).tolist()))
+        d_steps = max(total["d_steps"], 1.0)
+        return {
+            "loss_d_mean": total["loss_d"] / d_steps,
+            "loss_g_mean": total["loss_g"] / (steps * ranks.world_size),
+            "d_x_mean": total["d_x"] / d_steps,
+            "d_g_z_mean": total["d_g_z"] / d_steps,
+            "d_dominated_share": total["dominated"] / d_steps,
+        }
+
+
+@dataclass
+class StepResult:
+    """One step's figures as device tensors; D's are its scores of this batch, also on a
+    logged step where D did not learn (then without a graph)."""
+
+    trained_d: bool
+    loss_g: torch.Tensor
+    d_g_z_after_d: torch.Tensor
+    loss_d: torch.Tensor | None = None
+    d_x: torch.Tensor | None = None
+    d_g_z: torch.Tensor | None = None
+    dominated: torch.Tensor | None = None
+    grad_norm_d: torch.Tensor | None = None  # on logged steps where D learned
+    grad_norm_g: torch.Tensor | None = None  # on logged steps
+
+
+@dataclass
+class Logs:
+    """log.csv and quality.csv (rank 0 only) and what the log rows need between steps."""
+
+    log: gan_common.CSVLog | None
+    quality: gan_common.CSVLog | None
+    last_time: float
+    last_step: int
+    dominated_streak: int = 0
+
+    def write(self, name: str, row: dict) -> None:
+        target = getattr(self, name)
+        if target is not None:
+            target.write(row)
+
+    def close(self) -> None:
+        for target in (self.log, self.quality):
+            if target is not None:
+                target.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Setup
+
+
+def prepare_run(args: argparse.Namespace, ranks: Ranks, run_dir: Path) -> Run:
+    """The data on the device and the fixed evaluation inputs."""
+    # Rank 0 loads first: it alone decodes and caches a dataset, and the others read its cache
+    # (on a shared file system) instead of racing it to write the same file.
+    if not ranks.is_main:
+        dist.barrier(group=ranks.control_group)
+    images = load_images(args.dataset, Path(args.data_root), args.subset, args.seed, args.workers)
+    images = images.to(ranks.device)
+    if ranks.distributed and ranks.is_main:
+        dist.barrier(group=ranks.control_group)
+    steps_per_epoch = len(images) // (args.bs * ranks.world_size)
+    if steps_per_epoch == 0:
+        processes = f" on each of {ranks.world_size} processes" if ranks.distributed else ""
+        raise DataError(f"{len(images)} images cannot fill one batch of --bs {args.bs}{processes}")
+    # Fixed inputs, drawn from their own generator so they use none of the training RNG.
+    fixed = torch.Generator().manual_seed(args.seed + 1)
+    grid_noise = torch.randn(GRID_SAMPLES, NZ, 1, 1, generator=fixed).to(ranks.device)
+    diversity_noise = torch.randn(DIVERSITY_SAMPLES, NZ, 1, 1, generator=fixed).to(ranks.device)
+    reference = images[torch.randperm(len(images), generator=fixed)[:DIVERSITY_SAMPLES].to(ranks.device)]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    data_order = torch.Generator().manual_seed(args.seed)
+    return Run(
+        args, ranks, run_dir, images, steps_per_epoch, amp_dtype, grid_noise, diversity_noise,
+        to_unit(reference), data_order,
+    )  # fmt: skip
+
+
+def build_nets(args: argparse.Namespace, ranks: Ranks) -> Nets:
+    generator = Generator().to(ranks.device)
+    discriminator = Discriminator(dropout=args.d_dropout).to(ranks.device)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    if ranks.distributed and args.sync_bn:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+    if ranks.distributed:
+        # The weights above come from --seed alike on every rank; noise, instance noise and
+        # random labels must differ between ranks, or they would all draw the same samples.
+        gan_common.seed_everything(args.seed + ranks.rank)
+    opt_g = gan_common.make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
+    opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
+    # bf16 keeps fp32's range; only fp16 needs its losses scaled.
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    return Nets(generator, discriminator, opt_g, opt_d, scaler)
+
+
+def wrap_for_ddp(nets: Nets, ranks: Ranks) -> None:
+    nets.g_net, nets.d_net = nets.generator, nets.discriminator
+    if not ranks.distributed:
+        return
+    # BatchNorm's running statistics are never used in training (sample grids too use batch
+    # statistics), and re-broadcasting them at every forward breaks D's two forwards (real,
+    # fake) before one backward: each rank keeps its own.
+    device_ids = [ranks.device] if ranks.device.type == "cuda" else None
+    nets.g_net = DistributedDataParallel(nets.generator, device_ids=device_ids, forward_sync_buffers=False)
+    nets.d_net = DistributedDataParallel(
+        nets.discriminator, device_ids=device_ids, forward_sync_buffers=False
+    )
+
+
+def trajectory(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in TRAJECTORY_ARGS}
+
+
+def resume(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
+    """Loads the checkpoint into the nets, counters, sums and RNG streams."""
+    path = run.run_dir / "checkpoint.pt"
+    checkpoint = gan_common.load_checkpoint(path)
+    if checkpoint.get("kind") != "dcgan" or checkpoint.get("trajectory_args") != trajectory(run.args):
+        raise RunError(f"{path} is not a checkpoint of the run in {run.run_dir / 'config.json'}")
+    nets.load_state_dicts(checkpoint, path)
+    nets.scaler.load_state_dict(checkpoint["scaler"])
+    counters.step, counters.epoch = checkpoint["step"], checkpoint["epoch"]
+    counters.batch_in_epoch, counters.d_figures = checkpoint["batch_in_epoch"], checkpoint["d_figures"]
+    run.data_order.set_state(checkpoint["data_order_state"])
+    ranks = run.ranks
+    if checkpoint["world_size"] == ranks.world_size:
+        if ranks.is_main:  # the other ranks' share of the sums is in rank 0's
+            sums.values.copy_(checkpoint["epoch_sums"])
+        gan_common.set_rng_state(checkpoint["rng_by_rank"][ranks.rank])
+        return
+    # Another world size slices each epoch's shuffle differently, so a half-done epoch cannot
+    # be finished exactly: skip its rest and start the next one. `step` goes on counting
+    # optimizer steps, now of the new global batch.
+    note = (
+        f"note: {run.run_dir} ran on {checkpoint['world_size']} process(es) and resumes on "
+        f"{ranks.world_size}: the global batch is now {run.global_batch}; the step count goes on from "
+        f"{counters.step}"
+    )
+    if counters.batch_in_epoch:
+        skipped = counters.epoch + 1
+        note += f"; the rest of epoch {skipped} is skipped, training resumes at epoch {skipped + 1}"
+        torch.randperm(len(run.images), generator=run.data_order)  # the skipped epoch's shuffle
+        counters.epoch, counters.batch_in_epoch = counters.epoch + 1, 0
+    ranks.say(note)
+    # Fresh noise streams: the saved ones belong to ranks that no longer match.
+    gan_common.seed_everything(hash((run.args.seed, ranks.rank, counters.step)) % 2**32)
+
+
+def start_or_resume(run: Run, nets: Nets) -> tuple[Counters, EpochSums]:
+    counters, sums = Counters(), EpochSums.zeros(run.ranks.device)
+    if run.args.resume is not None:
+        resume(run, nets, counters, sums)
+    elif run.ranks.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        facts = {"world_size": run.ranks.world_size, "global_batch": run.global_batch}
+        gan_common.write_config(run.run_dir, SCRIPT, run.args, run.ranks.device, **facts)
+    # The epochs left at this world size; with one world size throughout, this is
+    # --epochs x steps per epoch.
+    left = (run.args.epochs - counters.epoch) * run.steps_per_epoch - counters.batch_in_epoch
+    counters.total_steps = counters.step + left
+    if run.args.max_steps is not None:
+        counters.total_steps = min(counters.total_steps, run.args.max_steps)
+    counters.epoch_order_state = run.data_order.get_state()
+    return counters, sums
+
+
+def open_logs(run: Run, step: int) -> Logs:
+    if not run.ranks.is_main:
+        return Logs(None, None, time.perf_counter(), step)
+    (run.run_dir / "samples").mkdir(exist_ok=True)
+    log = gan_common.CSVLog(run.run_dir / "log.csv", gan_common.LOG_COLUMNS + LOG_EXTRA_COLUMNS, step)
+    quality = gan_common.CSVLog(run.run_dir / "quality.csv", QUALITY_COLUMNS, step)
+    return Logs(log, quality, time.perf_counter(), step)
+
+
+def save(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
+    """Every rank takes part (the sums and the RNG states are gathered); rank 0 writes."""
+    sums_over_ranks = run.ranks.sum(sums.values).cpu()
+    rng_by_rank = run.ranks.gather(gan_common.rng_state())
+    if not run.ranks.is_main:
+        return
+    # The order generator as the current epoch's shuffle found it: resuming mid-epoch
+    # replays that shuffle and skips the batches done.
+    order_state = counters.epoch_order_state if counters.batch_in_epoch else run.data_order.get_state()
+    payload = {
+        "kind": "dcgan",
+        "trajectory_args": trajectory(run.args),
+        **nets.state_dicts(),
+        "scaler": nets.scaler.state_dict(),
+        "rng_by_rank": rng_by_rank,
+        "world_size": run.ranks.world_size,
+        "data_order_state": order_state,
+        "step": counters.step,
+        "epoch": counters.epoch,
+        "batch_in_epoch": counters.batch_in_epoch,
+        "epoch_sums": sums_over_ranks,
+        "d_figures": counters.d_figures,
+    }
+    gan_common.save_checkpoint(run.run_dir / "checkpoint.pt", payload)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def d_inputs(run: Run, batch: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+    """Instance noise on what D sees, annealed linearly to 0 over the run."""
+    if run.args.instance_noise == 0:
+        return batch
+    std = run.args.instance_noise * max(0.0, 1.0 - step / total_steps)
+    return batch + std * torch.randn_like(batch)
+
+
+def targets(run: Run, bounds: list[float] | None, value: float, n: int) -> torch.Tensor:
+    if bounds is None:
+        return torch.full((n,), value, device=run.ranks.device)
+    return torch.empty(n, device=run.ranks.device).uniform_(*bounds)
+
+
+def d_loss(run: Run, d_net: nn.Module, real, fake, counters: Counters) -> tuple[torch.Tensor, ...]:
+    """D's loss on a real and a fake batch, and its logits of each."""
+    args, n = run.args, len(real)
+    with run.autocast():
+        logits_real = d_net(d_inputs(run, real, counters.step, counters.total_steps))
+        logits_fake = d_net(d_inputs(run, fake, counters.step, counters.total_steps))
+        loss = F.binary_cross_entropy_with_logits(
+            logits_real, targets(run, args.real_label_range, args.label_smooth, n)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, targets(run, args.fake_label_range, 0.0, n))
+    return loss, logits_real.detach().float(), logits_fake.detach().float()
+
+
+@contextlib.contextmanager
+def scoring_only(module: nn.Module, device: torch.device):
+    """No graph, and the training goes on as if the forward passes inside never ran: they
+    draw none of its random numbers and leave BatchNorm's running statistics as they were."""
+    buffers = [buffer.clone() for buffer in module.buffers()]
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+        for buffer, saved in zip(module.buffers(), buffers):
+            buffer.copy_(saved)
+
+
+def train_step(run: Run, nets: Nets, real: torch.Tensor, counters: Counters, logged: bool) -> StepResult:
+    """D's step (every --d-every steps), then G's; the figures stay on the device."""
+    device, scaler = run.ranks.device, nets.scaler
+    with run.autocast():
+        fake = nets.g_net(torch.randn(len(real), NZ, 1, 1, device=device))
+    trained_d = counters.step % run.args.d_every == 0
+    scores, grad_norm_d = None, None
+    if trained_d:
+        nets.opt_d.zero_grad(set_to_none=True)
+        scores = d_loss(run, nets.d_net, real, fake.detach(), counters)
+        scaler.scale(scores[0]).backward()
+        if logged:  # DDP averaged the gradients: every rank sees the global batch's norm
+            scaler.unscale_(nets.opt_d)
+            grad_norm_d = gan_common.grad_norm(nets.discriminator.parameters())
+        scaler.step(nets.opt_d)
+    elif logged:
+        with scoring_only(nets.discriminator, device):
+            scores = d_loss(run, nets.d_net, real, fake.detach(), counters)
+
+    # Non-saturating G loss: G wants D to call its images real (target 1). This backward
+    # also fills D's gradients, which D's next step zeroes unused: under DDP they are left
+    # local rather than all-reduced.
+    nets.opt_g.zero_grad(set_to_none=True)
+    with nets.d_net.no_sync() if run.ranks.distributed else contextlib.nullcontext():
+        with run.autocast():
+            logits_g = nets.d_net(d_inputs(run, fake, counters.step, counters.total_steps))
+            loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones(len(real), device=device))
+        scaler.scale(loss_g).backward()
+    grad_norm_g = None
+    if logged:
+        scaler.unscale_(nets.opt_g)
+        grad_norm_g = gan_common.grad_norm(nets.generator.parameters())
+    scaler.step(nets.opt_g)
+    scaler.update()
+
+    d_g_z_after_d = torch.sigmoid(logits_g.detach().float()).mean()
+    result = StepResult(trained_d, loss_g.detach().float(), d_g_z_after_d, grad_norm_d=grad_norm_d)
+    result.grad_norm_g = grad_norm_g
+    if scores is not None:
+        loss_d, logits_real, logits_fake = scores
+        result.loss_d = loss_d.detach().float()
+        result.d_x, result.d_g_z = torch.sigmoid(logits_real).mean(), torch.sigmoid(logits_fake).mean()
+        result.dominated = gan_common.d_dominated(result.d_x, result.d_g_z, run.real_label)
+    return result
+
+
+def log_step(run: Run, nets: Nets, counters: Counters, result: StepResult, logs: Logs, bar: tqdm) -> None:
+    """A log.csv row: means over ranks; D's optimizer figures and gradient norm are those of
+    its latest update."""
+    ranks, now = run.ranks, time.perf_counter()
+    agar_g, conf_g = gan_common.optimizer_metrics(nets.opt_g)
+    if result.trained_d:
+        agar_d, conf_d = gan_common.optimizer_metrics(nets.opt_d)
+        counters.d_figures = {"agar_d": agar_d, "conf_d": conf_d, "grad_norm_d": result.grad_norm_d}
+    loss_g, d_g_z_after_d, loss_d, d_x, d_g_z, dominated = ranks.mean(
+        result.loss_g, result.d_g_z_after_d, result.loss_d, result.d_x, result.d_g_z, result.dominated
+    )
+    row = {"step": counters.step, "epoch": counters.epoch + 1, "loss_d": loss_d, "loss_g": loss_g}
+    row.update(d_x=d_x, d_g_z=d_g_z, agar_g=agar_g, conf_g=conf_g, grad_norm_g=result.grad_norm_g)
+    row.update(counters.d_figures, d_g_z_after_d=d_g_z_after_d)
+    row["steps_per_sec"] = (counters.step - logs.last_step) / (now - logs.last_time)
+    logs.write("log", row)
+    logs.last_time, logs.last_step = now, counters.step
+    # Under torchrun: D won outright on most ranks.
+    logs.dominated_streak = logs.dominated_streak + run.args.log_every if dominated.item() > 0.5 else 0
+    if logs.dominated_streak >= DOMINANCE_PATIENCE_STEPS:
+        ranks.say(
+            f"warning: step {counters.step}: D has won outright for {logs.dominated_streak} steps (D(x) "
+            f"{d_x.item():.2f}, D(G(z)) {d_g_z.item():.3f}, loss_D {loss_d.item():.3f}); G gets almost no "
+            f"signal. {STABILISER_HINT}"
+        )
+        logs.dominated_streak = 0
+    bar.set_postfix_str(
+        f"loss_D {loss_d.item():.3f} loss_G {loss_g.item():.3f} D(x) {d_x.item():.3f} "
+        f"D(G(z)) {d_g_z.item():.3f}/{d_g_z_after_d.item():.3f}",
+        refresh=False,
+    )
+
+
+@torch.no_grad()
+def write_grid(run: Run, nets: Nets, name: str) -> None:
+    # Train-mode BatchNorm, as in the PyTorch example: early running statistics lag far
+    # behind the batch ones. The running statistics this updates are never used in training.
+    # Every rank runs G (SyncBatchNorm's forward is a collective); rank 0 saves.
+    with run.autocast():
+        grid = nets.generator(run.grid_noise).float()
+    if run.ranks.is_main:
+        save_image(grid, run.run_dir / "samples" / name, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+@torch.no_grad()
+def measure_diversity(run: Run, nets: Nets, step: int) -> float:
+    with run.autocast():
+        generated = nets.generator(run.diversity_noise[: len(run.real_reference)]).float()
+    ratio = diversity_ratio(generated, run.real_reference)
+    # A fresh G draws near-identical images; judge collapse only once it had time to spread.
+    if ratio < COLLAPSE_RATIO and step >= min(run.steps_per_epoch, COLLAPSE_GRACE_STEPS):
+        run.ranks.say(
+            f"warning: step {step}: generated images are far less varied than real ones (diversity "
+            f"ratio {ratio:.2f}), a sign of mode collapse; {STABILISER_HINT}"
+        )
+    return ratio
+
+
+def end_epoch(run: Run, nets: Nets, counters: Counters, sums: EpochSums, logs: Logs) -> None:
+    """quality.csv's row, the epoch's grid and a checkpoint."""
+    counters.epoch += 1
+    counters.batch_in_epoch = 0
+    quality = {"epoch": counters.epoch, "step": counters.step, **sums.means(run.ranks, run.steps_per_epoch)}
+    quality["diversity_ratio"] = measure_diversity(run, nets, counters.step)
+    logs.write("quality", quality)
+    summary = " ".join(f"{key} {value:.4f}" for key, value in quality.items() if key not in ("epoch", "step"))
+    run.ranks.say(f"epoch {counters.epoch}/{run.args.epochs} step {counters.step}: {summary}")
+    sums.values.zero_()
+    write_grid(run, nets, f"epoch_{counters.epoch:03d}.png")
+    save(run, nets, counters, sums)
+
+
+def train_epochs(
+    run: Run, nets: Nets, counters: Counters, sums: EpochSums, stop: gan_common.StopSignal
+) -> None:
+    """Steps until --epochs, --max-steps or a signal; an epoch's end writes its row, grid
+    and checkpoint."""
+    args, ranks = run.args, run.ranks
+    logs = open_logs(run, counters.step)
+    bar = tqdm(
+        total=counters.total_steps,
+        initial=counters.step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not ranks.is_main,
+    )
+    while counters.step < counters.total_steps and not ranks.agreed_stop(stop.signum):
+        counters.epoch_order_state = run.data_order.get_state()
+        # Every rank draws the same shuffle and takes its own --bs images of each global batch.
+        order = torch.randperm(len(run.images), generator=run.data_order).to(ranks.device)
+        while counters.batch_in_epoch < run.steps_per_epoch and counters.step < counters.total_steps:
+            start = counters.batch_in_epoch * run.global_batch + ranks.rank * args.bs
+            real = to_unit(run.images[order[start : start + args.bs]])
+            logged = (counters.step + 1) % args.log_every == 0
+            result = train_step(run, nets, real, counters, logged)
+            sums.add(result)
+            counters.step += 1
+            counters.batch_in_epoch += 1
+            bar.update()
+            if logged:
+                log_step(run, nets, counters, result, logs, bar)
+            epoch_done = counters.batch_in_epoch == run.steps_per_epoch
+            if args.sample_every is not None and counters.step % args.sample_every == 0 and not epoch_done:
+                write_grid(run, nets, f"step_{counters.step:06d}.png")
+                measure_diversity(run, nets, counters.step)
+            if ranks.agreed_stop(stop.signum):
+                break
+        if counters.batch_in_epoch < run.steps_per_epoch:
+            break  # stopped mid-epoch: --max-steps or a signal
+        end_epoch(run, nets, counters, sums, logs)
+    bar.close()
+    logs.close()
 
 
 def train(args: argparse.Namespace) -> None:
-    device, rank, world_size, control_group = join_processes(args)
-    distributed = world_size > 1
-    is_main = rank == 0  # the one process that prints and writes the run folder
-    check_args(args, device)
+    ranks = join_processes(args)
+    check_args(args, ranks.device)
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
     gan_common.seed_everything(args.seed)
     run_dir = Path(args.out or f"runs/dcgan-{args.dataset}-{args.g_opt}_{args.d_opt}-s{args.seed}")
-    resuming = args.resume is not None
-    if not resuming and (run_dir / "checkpoint.pt").exists():
-        raise BadRun(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass another --out"
+    gan_common.check_run_folder(run_dir, SCRIPT, resuming=args.resume is not None)
+    run = prepare_run(args, ranks, run_dir)
+    nets = build_nets(args, ranks)
+    counters, sums = start_or_resume(run, nets)
+    if counters.step >= counters.total_steps:
+        ranks.say(
+            f"{run_dir} already ran {counters.step} steps; pass a larger --epochs or --max-steps to go on"
         )
-
-    # Under torchrun rank 0 loads first: it alone decodes and caches a dataset, and the others
-    # read its cache (on a shared file system) instead of racing it to write the same file.
-    if not is_main:
-        dist.barrier(group=control_group)
-    images = load_images(args).to(device)  # batches are drawn on the device, no loader
-    if distributed and is_main:
-        dist.barrier(group=control_group)
-    # One step takes --bs images on each process: one global batch of --bs x world size.
-    global_batch = args.bs * world_size
-    steps_per_epoch = len(images) // global_batch
-    if steps_per_epoch == 0:
-        processes = f" on each of {world_size} processes" if distributed else ""
-        raise DataError(f"{len(images)} images cannot fill one batch of --bs {args.bs}{processes}")
-
-    generator = Generator().to(device)
-    discriminator = Discriminator(dropout=args.d_dropout).to(device)
-    generator.apply(init_weights)
-    discriminator.apply(init_weights)
-    if distributed and args.sync_bn:
-        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-    if distributed:
-        # The weights above come from --seed alike on every rank; noise, instance noise and
-        # random labels must differ between ranks, or they would all draw the same samples.
-        gan_common.seed_everything(args.seed + rank)
-    try:
-        opt_g = gan_common.make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
-        opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
-    except ValueError as error:
-        raise BadRun(str(error)) from None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    # bf16 keeps fp32's range; only fp16 needs its losses scaled.
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-
-    # Fixed inputs, drawn from their own generator so they use none of the training RNG.
-    fixed = torch.Generator().manual_seed(args.seed + 1)
-    grid_noise = torch.randn(GRID_SAMPLES, NZ, 1, 1, generator=fixed).to(device)
-    diversity_noise = torch.randn(DIVERSITY_SAMPLES, NZ, 1, 1, generator=fixed).to(device)
-    real_reference = to_unit(
-        images[torch.randperm(len(images), generator=fixed)[:DIVERSITY_SAMPLES].to(device)]
-    )
-    data_order = torch.Generator().manual_seed(args.seed)  # shuffles each epoch; saved for resume
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    # loss_d, loss_g, d_x, d_g_z, dominated, D steps: this rank's sums, added over ranks
-    # at the epoch's end; a checkpoint holds the sums over all ranks.
-    epoch_sums = torch.zeros(6, device=device)
-    if resuming:
-        checkpoint = gan_common.load_checkpoint(run_dir / "checkpoint.pt")
-        if checkpoint.get("kind") != "dcgan" or checkpoint.get("trajectory_args") != {
-            name: getattr(args, name) for name in TRAJECTORY_ARGS
-        }:
-            raise BadRun(
-                f"{run_dir / 'checkpoint.pt'} is not a checkpoint of the run in {run_dir / 'config.json'}"
-            )
-        try:
-            generator.load_state_dict(checkpoint["generator"])
-            discriminator.load_state_dict(checkpoint["discriminator"])
-            opt_g.load_state_dict(checkpoint["opt_g"])
-            opt_d.load_state_dict(checkpoint["opt_d"])
-            scaler.load_state_dict(checkpoint["scaler"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise BadRun(f"{run_dir / 'checkpoint.pt'} does not fit this model: {error}") from None
-        step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
-        data_order.set_state(checkpoint["data_order_state"])
-        saved_world_size = checkpoint.get("world_size", 1)
-        if saved_world_size == world_size:
-            if is_main:  # the others' share of the sums is in rank 0's
-                epoch_sums = checkpoint["epoch_sums"].to(device)
-            gan_common.set_rng_state(checkpoint.get("rng_by_rank", [checkpoint["rng"]])[rank])
-        else:
-            # Another world size slices each epoch's shuffle differently, so a half-done epoch
-            # cannot be finished exactly: skip its rest and start the next one. `step` goes on
-            # counting optimizer steps, now of the new global batch.
-            note = (
-                f"note: {run_dir} ran on {saved_world_size} process(es) and resumes on {world_size}: "
-                f"the global batch is now {global_batch}; the step count goes on from {step}"
-            )
-            if batch_in_epoch:
-                note += f"; the rest of epoch {epoch + 1} is skipped, training resumes at epoch {epoch + 2}"
-                torch.randperm(len(images), generator=data_order)  # the skipped epoch's shuffle
-                epoch, batch_in_epoch = epoch + 1, 0
-            if is_main:
-                tqdm.write(note)
-            # Fresh noise streams: the saved ones belong to ranks that no longer match.
-            gan_common.seed_everything(hash((args.seed, rank, step)) % 2**32)
-    elif is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_facts = {"world_size": world_size, "global_batch": global_batch}
-        gan_common.write_config(run_dir, SCRIPT, args, device, extra=run_facts)
-    # The epochs left at this world size; with the same world size throughout, this is
-    # --epochs x steps per epoch.
-    total_steps = step + (args.epochs - epoch) * steps_per_epoch - batch_in_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    if step >= total_steps:
-        if is_main:
-            tqdm.write(f"{run_dir} already ran {step} steps; pass a larger --epochs or --max-steps to go on")
         return
-
-    # Training runs through DDP's wrappers, which average the gradients over ranks in the
-    # backward pass; checkpoints and sample grids use the modules inside (no "module." prefix).
-    g_net, d_net = generator, discriminator
-    if distributed:
-        # BatchNorm's running statistics are never used in training (sample grids too use
-        # batch statistics), and re-broadcasting them at every forward breaks D's two forwards
-        # (real, fake) before one backward: each rank keeps its own.
-        device_ids = [device] if device.type == "cuda" else None
-        g_net = DistributedDataParallel(generator, device_ids=device_ids, forward_sync_buffers=False)
-        d_net = DistributedDataParallel(discriminator, device_ids=device_ids, forward_sync_buffers=False)
-
-    epoch_start_order_state = data_order.get_state()
-    if is_main:
-        (run_dir / "samples").mkdir(exist_ok=True)
-        # Rows past the checkpoint's step (all of them in a fresh run over one that died before
-        # its first checkpoint) are dropped: they will be logged again.
-        log = gan_common.CSVLog(
-            run_dir / "log.csv",
-            gan_common.LOG_COLUMNS + LOG_EXTRA_COLUMNS,
-            resume_after_step=step,
-        )
-        quality_log = gan_common.CSVLog(run_dir / "quality.csv", QUALITY_COLUMNS, resume_after_step=step)
-
-    def summed_over_ranks(values: torch.Tensor) -> torch.Tensor:
-        """A copy summed over ranks, on the device (NCCL's all-reduce takes device tensors)."""
-        if not distributed:
-            return values
-        total = values.clone()
-        dist.all_reduce(total)
-        return total
-
-    def mean_over_ranks(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What a user reads as one number (a loss, D(x)) is the mean over ranks: an
-        all-reduce, so called on logged steps only."""
-        if not distributed:
-            return values
-        stacked = torch.stack([value.detach().float() for value in values])
-        return tuple(summed_over_ranks(stacked) / world_size)
-
-    def save(path: Path) -> None:
-        # Every rank takes part (the sums and the RNG states are gathered); rank 0 writes.
-        sums_over_ranks = summed_over_ranks(epoch_sums).cpu()
-        rng_by_rank = [gan_common.rng_state()]
-        if distributed:
-            rng_by_rank = [None] * world_size
-            dist.all_gather_object(rng_by_rank, gan_common.rng_state(), group=control_group)
-        if not is_main:
-            return
-        gan_common.save_checkpoint(
-            path,
-            {
-                "kind": "dcgan",
-                "trajectory_args": {name: getattr(args, name) for name in TRAJECTORY_ARGS},
-                "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_by_rank[0],
-                "rng_by_rank": rng_by_rank,
-                "world_size": world_size,
-                # The order generator as the current epoch's shuffle found it: resuming
-                # mid-epoch replays that shuffle and skips the batches done.
-                "data_order_state": epoch_start_order_state if batch_in_epoch else data_order.get_state(),
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "epoch_sums": sums_over_ranks,
-            },
-        )
-
-    @torch.no_grad()
-    def write_grid(name: str) -> None:
-        # Train-mode BatchNorm, as in the PyTorch example: early running statistics lag far
-        # behind the batch ones. The running statistics this updates are never used in training.
-        # Every rank runs G (SyncBatchNorm's forward is a collective); rank 0 saves.
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            grid = generator(grid_noise).float()
-        if is_main:
-            save_image(grid, run_dir / "samples" / name, nrow=8, normalize=True, value_range=(-1, 1))
-
-    @torch.no_grad()
-    def measure_diversity() -> float:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            generated = generator(diversity_noise[: len(real_reference)]).float()
-        ratio = diversity_ratio(generated, real_reference)
-        # A fresh G draws near-identical images; judge collapse only once it had time to spread.
-        if is_main and ratio < COLLAPSE_RATIO and step >= min(steps_per_epoch, COLLAPSE_GRACE_STEPS):
-            tqdm.write(
-                f"warning: step {step}: generated images are far less varied than real ones (diversity "
-                f"ratio {ratio:.2f}), a sign of mode collapse; {STABILISER_HINT}"
-            )
-        return ratio
-
-    def d_inputs(batch: torch.Tensor) -> torch.Tensor:
-        """Instance noise on what D sees, annealed linearly to 0 over the run."""
-        if args.instance_noise == 0:
-            return batch
-        std = args.instance_noise * max(0.0, 1.0 - step / total_steps)
-        return batch + std * torch.randn_like(batch)
-
-    def targets(bounds: list[float] | None, value: float, n: int) -> torch.Tensor:
-        if bounds is None:
-            return torch.full((n,), value, device=device)
-        return torch.empty(n, device=device).uniform_(*bounds)
-
-    # The first Ctrl-C (or SIGTERM) stops after the current step, so the checkpoint is exact;
-    # a second one interrupts at once.
-    stop_signal: list[int] = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if is_main:
-            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
-
-    def agreed_stop_signal() -> int:
-        """The signal that stops the run, 0 while none came. Under torchrun the ranks agree
-        after every step (over gloo, no device sync): a rank stopping alone would leave the
-        others waiting in DDP's all-reduce."""
-        signum = stop_signal[0] if stop_signal else 0
-        if not distributed:
-            return signum
-        flag = torch.tensor(signum)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
-        return int(flag)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    real_target_mean = args.label_smooth if args.real_label_range is None else sum(args.real_label_range) / 2
-    dominated_streak = 0
-    last_log_time, last_log_step = time.perf_counter(), step
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not is_main)
-    first_step, start_time = step, time.perf_counter()
-    while step < total_steps and not agreed_stop_signal():
-        epoch_start_order_state = data_order.get_state()
-        # Every rank draws the same shuffle and takes its own --bs images of each global batch.
-        order = torch.randperm(len(images), generator=data_order).to(device)
-        while batch_in_epoch < steps_per_epoch and step < total_steps and not agreed_stop_signal():
-            start = batch_in_epoch * global_batch + rank * args.bs
-            real = to_unit(images[order[start : start + args.bs]])
-            n = len(real)
-            logged = (step + 1) % args.log_every == 0
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                fake = g_net(torch.randn(n, NZ, 1, 1, device=device))
-
-            train_d = step % args.d_every == 0
-            if train_d:
-                opt_d.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits_real = d_net(d_inputs(real))
-                    logits_fake = d_net(d_inputs(fake.detach()))
-                    loss_d = F.binary_cross_entropy_with_logits(
-                        logits_real, targets(args.real_label_range, args.label_smooth, n)
-                    ) + F.binary_cross_entropy_with_logits(
-                        logits_fake, targets(args.fake_label_range, 0.0, n)
-                    )
-                scaler.scale(loss_d).backward()
-                if logged:  # DDP averaged the gradients: every rank sees the global batch's norm
-                    scaler.unscale_(opt_d)
-                    grad_norm_d = gan_common.grad_norm(discriminator.parameters())
-                scaler.step(opt_d)
-                d_x = torch.sigmoid(logits_real.detach().float()).mean()
-                d_g_z = torch.sigmoid(logits_fake.detach().float()).mean()
-                dominated = (d_g_z < DOMINANCE_FAKE) & (d_x > real_target_mean - DOMINANCE_REAL_MARGIN)
-
-            # Non-saturating G loss: G wants D to call its images real (target 1).
-            # This backward also fills D's gradients, which D's next step zeroes unused: under
-            # DDP they are left local rather than all-reduced.
-            opt_g.zero_grad(set_to_none=True)
-            with d_net.no_sync() if distributed else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits_g = d_net(d_inputs(fake))
-                    loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones(n, device=device))
-                scaler.scale(loss_g).backward()
-            if logged:
-                scaler.unscale_(opt_g)
-                grad_norm_g = gan_common.grad_norm(generator.parameters())
-            scaler.step(opt_g)
-            scaler.update()
-
-            # Sums stay on the device: no host sync except on logged steps.
-            if train_d:
-                epoch_sums[[0, 2, 3, 4, 5]] += torch.stack(
-                    [loss_d.detach().float(), d_x, d_g_z, dominated.float(), torch.ones((), device=device)]
-                )
-            epoch_sums[1] += loss_g.detach().float()
-            step += 1
-            batch_in_epoch += 1
-            bar.update()
-
-            if logged:
-                now = time.perf_counter()
-                agar_g, conf_g = gan_common.optimizer_metrics(opt_g)
-                # D's columns, like its loss, only on rows where D learned.
-                agar_d, conf_d = gan_common.optimizer_metrics(opt_d) if train_d else (None, None)
-                loss_g, d_g_z_after_d = mean_over_ranks(
-                    loss_g, torch.sigmoid(logits_g.detach().float()).mean()
-                )
-                row = {"step": step, "epoch": epoch + 1, "loss_g": loss_g, "grad_norm_g": grad_norm_g}
-                row.update(agar_g=agar_g, conf_g=conf_g, agar_d=agar_d, conf_d=conf_d)
-                row["d_g_z_after_d"] = d_g_z_after_d
-                row["steps_per_sec"] = (step - last_log_step) / (now - last_log_time)
-                if train_d:
-                    loss_d, d_x, d_g_z, dominated = mean_over_ranks(loss_d, d_x, d_g_z, dominated.float())
-                    row.update(loss_d=loss_d, d_x=d_x, d_g_z=d_g_z, grad_norm_d=grad_norm_d)
-                    # Under torchrun: D won outright on most ranks.
-                    dominated_streak = dominated_streak + args.log_every if dominated.item() > 0.5 else 0
-                    if is_main and dominated_streak >= DOMINANCE_PATIENCE_STEPS:
-                        tqdm.write(
-                            f"warning: step {step}: D has won outright for {dominated_streak} steps "
-                            f"(D(x) {d_x.item():.2f}, D(G(z)) {d_g_z.item():.3f}, "
-                            f"loss_D {loss_d.item():.3f}); G gets almost no signal. {STABILISER_HINT}"
-                        )
-                        dominated_streak = 0
-                    bar.set_postfix_str(
-                        f"loss_D {loss_d.item():.3f} loss_G {loss_g.item():.3f} "
-                        f"D(x) {d_x.item():.3f} D(G(z)) {d_g_z.item():.3f}/{row['d_g_z_after_d'].item():.3f}",
-                        refresh=False,
-                    )
-                if is_main:
-                    log.write(row)
-                last_log_time, last_log_step = now, step
-
-            epoch_done = batch_in_epoch == steps_per_epoch
-            if args.sample_every is not None and step % args.sample_every == 0 and not epoch_done:
-                write_grid(f"step_{step:06d}.png")
-                measure_diversity()
-
-        if batch_in_epoch < steps_per_epoch:
-            break  # stopped mid-epoch: --max-steps or a signal
-        epoch += 1
-        batch_in_epoch = 0
-        sums = summed_over_ranks(epoch_sums).tolist()  # D steps counted once per rank
-        d_steps = max(sums[5], 1.0)
-        quality = {
-            "epoch": epoch,
-            "step": step,
-            "loss_d_mean": sums[0] / d_steps,
-            "loss_g_mean": sums[1] / (steps_per_epoch * world_size),
-            "d_x_mean": sums[2] / d_steps,
-            "d_g_z_mean": sums[3] / d_steps,
-            "diversity_ratio": measure_diversity(),
-            "d_dominated_share": sums[4] / d_steps,
-        }
-        if is_main:
-            quality_log.write(quality)
-            summary = " ".join(
-                f"{key} {value:.4f}" for key, value in quality.items() if key not in ("epoch", "step")
-            )
-            tqdm.write(f"epoch {epoch}/{args.epochs} step {step}: {summary}")
-        epoch_sums.zero_()
-        write_grid(f"epoch_{epoch:03d}.png")
-        save(run_dir / "checkpoint.pt")
-    bar.close()
-    steps_per_sec = (step - first_step) / (time.perf_counter() - start_time)
-    if is_main:
-        log.close()
-        quality_log.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    if batch_in_epoch > 0:  # mid-epoch stop: the epoch-end save did not cover it
-        save(run_dir / "checkpoint.pt")
+    wrap_for_ddp(nets, ranks)
+    first_step, start_time = counters.step, time.perf_counter()
+    stop = gan_common.StopSignal(announce=ranks.is_main)
+    train_epochs(run, nets, counters, sums, stop)
+    steps_per_sec = (counters.step - first_step) / (time.perf_counter() - start_time)
+    stop.restore()
+    if counters.batch_in_epoch > 0:  # mid-epoch stop: the epoch-end save did not cover it
+        save(run, nets, counters, sums)
     # After the checkpoint: this forward pass updates G's BatchNorm running statistics.
-    write_grid("final.png")
-    if distributed:
-        check_replicas([generator, discriminator], run_dir, rank, world_size, control_group)
-    stopped_by = agreed_stop_signal()
+    write_grid(run, nets, "final.png")
+    if ranks.distributed:
+        check_replicas([nets.generator, nets.discriminator], run_dir, ranks)
+    stopped_by = ranks.agreed_stop(stop.signum)
     if stopped_by:
-        if is_main:
-            launcher = f"torchrun --nproc_per_node {world_size}" if distributed else "python"
-            print(f"stopped at step {step}; continue with: {launcher} {SCRIPT} --resume {run_dir}")
-        sys.exit(128 + stopped_by)
-    if is_main:
+        launcher = f"torchrun --nproc_per_node {ranks.world_size}" if ranks.distributed else "python"
+        if not ranks.is_main:
+            sys.exit(128 + stopped_by)
+        gan_common.exit_stopped(stopped_by, counters.step, f"{launcher} {SCRIPT} --resume {run_dir}")
+    if ranks.is_main:
         print(
-            f"done: {step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
+            f"done: {counters.step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
             "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
         )
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        train(resolve_args(argv))
-    except (DataError, BadRun) as error:
+        train(gan_common.resolve_args(build_parser(), argv, SCRIPT, RESUME_MAY_CHANGE))
+    except (DataError, RunError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted; nothing saved since the last checkpoint")

@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -33,23 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gan_common import (
-    LOG_COLUMNS,
-    CSVLog,
-    add_optimizer_args,
-    grad_norm,
-    load_checkpoint,
-    make_optimizer,
-    optimizer_metrics,
-    pick_device,
-    positive_int,
-    read_config,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    write_config,
-)
+import gan_common
+from gan_common import RunError, positive_int
 
 SCRIPT = "train_toy2d.py"
 NOISE_DIM = 100
@@ -65,6 +49,8 @@ MMD_BANDWIDTHS = (8.0, 4.0, 2.0, 1.0, 0.5)
 SWD_DIRECTIONS = 64  # evenly spaced over half a turn: in 2-D this covers every direction
 QUALITY_COLUMNS = ["epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok"]
 PLOT_XLIM, PLOT_YLIM = (-16.0, 16.0), (-24.0, 24.0)
+# Arguments a resumed run may change; the others must equal the run's own (config.json).
+RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "eval_every"}
 
 
 def target_probability(text: str) -> float:
@@ -74,15 +60,13 @@ def target_probability(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The run's arguments: those given, or on --resume those of the run being resumed."""
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--epochs", type=positive_int, default=200)
     parser.add_argument("--bs", type=positive_int, default=128, help="batch size")
     parser.add_argument("--points", type=positive_int, default=10_000, help="size of the training set")
     parser.add_argument("--seed", type=int, default=0, help="seeds the training set, the models and training")
-    add_optimizer_args(parser, lr=2e-4)
+    gan_common.add_optimizer_args(parser, lr=2e-4)
     parser.add_argument(
         "--d-every", type=positive_int, default=2, help="train D on batches whose index is a multiple of N"
     )
@@ -93,27 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=positive_int, default=10, help="epochs between evaluations")
     parser.add_argument("--out", type=Path, help="run folder (default runs/toy2d-<g>_<d>-s<seed>)")
     parser.add_argument(
-        "--resume", type=Path, help="continue the run in this folder (only --epochs may change)"
+        "--resume",
+        type=Path,
+        help="continue the run in this folder; " + ", ".join(sorted(RESUME_MAY_CHANGE)) + " may change",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
-
-    if args.resume is None:
-        if args.out is None:
-            args.out = Path(f"runs/toy2d-{args.g_opt}_{args.d_opt}-s{args.seed}")
-        return args
-    # allow_abbrev=False makes every option on the command line appear spelled in full.
-    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    if given - {"--resume", "--epochs"}:
-        others = ", ".join(sorted(given - {"--resume", "--epochs"}))
-        parser.error(
-            f"--resume reads the run's arguments from its config.json; only --epochs may change: {others}"
-        )
-    resumed = argparse.Namespace(**read_config(args.resume, SCRIPT)["args"])
-    resumed.out = resumed.resume = args.resume
-    if "--epochs" in given:
-        resumed.epochs = args.epochs
-    return resumed
+    return parser
 
 
 # ---------------------------------------------------------------------------- data
@@ -266,199 +235,239 @@ def save_points(path: Path, points: torch.Tensor) -> None:
 # ------------------------------------------------------------------------- training
 
 
-def main() -> None:
-    args = parse_args()
-    device = pick_device(args.device)
-    run_dir = Path(args.out)
-    resuming = args.resume is not None
-    if not resuming and (run_dir / "config.json").exists():
-        sys.exit(
-            f"error: {run_dir} already holds a run; continue it with --resume {run_dir} or pass another --out"
-        )
+# ------------------------------------------------------------------------- training
 
-    seed_everything(args.seed)
+
+@dataclass
+class Run:
+    """What stays fixed through a session: arguments, device, data, evaluation inputs."""
+
+    args: argparse.Namespace
+    device: torch.device
+    run_dir: Path
+    loader: DataLoader
+    loader_rng: torch.Generator  # the loader's shuffle; checkpointed, so a resumed run sees the same batches
+    real_eval: torch.Tensor
+    eval_noise: torch.Tensor
+
+
+@dataclass
+class Counters:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done of the next epoch
+    step: int = 0  # generator steps
+    epoch_loader_state: torch.Tensor | None = None  # loader_rng when this epoch's shuffle was drawn
+    # D's figures of its latest update, which rows of batches where D does not learn carry;
+    # checkpointed, since CASMO keeps its metrics outside its state dict.
+    grad_norm_d: torch.Tensor | None = None
+    d_metrics: tuple | None = None  # None: read them from the optimizer when needed (no host sync)
+
+
+def prepare_run(args: argparse.Namespace) -> Run:
+    device = gan_common.pick_device(args.device)
     dataset = SemicircleDataset(args.points, seed=args.seed)
-    # The loader shuffles with its own generator, saved in checkpoints, so a resumed run
-    # sees the batches the uninterrupted run would have seen.
     loader_rng = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(dataset, batch_size=args.bs, shuffle=True, generator=loader_rng)
     eval_rng = torch.Generator().manual_seed(EVAL_SEED)
     real_eval = sample_semicircles(EVAL_POINTS, eval_rng)
     eval_noise = torch.randn(EVAL_POINTS, NOISE_DIM, generator=eval_rng).to(device)
+    return Run(args, device, Path(args.out), loader, loader_rng, real_eval, eval_noise)
 
-    generator = Generator().to(device)
-    discriminator = Discriminator().to(device)
-    try:
-        opt_g = make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
-        opt_d = make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
 
-    # Epochs completed, batches done of the next one, generator steps taken.
-    start_epoch, start_batch, step = 0, 0, 0
-    # Rows of batches where D does not learn carry the figures of D's latest update; a
-    # resumed run takes them from the checkpoint (CASMO's metrics are not in its state).
-    grad_norm_d, d_metrics = None, (None, None)
-    if resuming:
-        checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-        generator.load_state_dict(checkpoint["generator"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
-        opt_g.load_state_dict(checkpoint["opt_g"])
-        opt_d.load_state_dict(checkpoint["opt_d"])
-        set_rng_state(checkpoint["rng"])
-        loader_rng.set_state(checkpoint["loader_rng"])
-        start_epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
-        grad_norm_d, d_metrics = checkpoint["grad_norm_d"], checkpoint["d_metrics"]
-        if start_epoch >= args.epochs:
-            sys.exit(f"error: {run_dir} has trained {start_epoch} epochs already; pass a larger --epochs")
+def build_nets(run: Run) -> gan_common.Nets:
+    generator = Generator().to(run.device)
+    discriminator = Discriminator().to(run.device)
+    opt_g = gan_common.make_optimizer(run.args.g_opt, generator.parameters(), run.args.lr_g, run.args)
+    opt_d = gan_common.make_optimizer(run.args.d_opt, discriminator.parameters(), run.args.lr_d, run.args)
+    return gan_common.Nets(generator, discriminator, opt_g, opt_d)
 
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, SCRIPT, args, device)
-    resume_after_step = step if resuming else None
-    log = CSVLog(run_dir / "log.csv", LOG_COLUMNS + ["steps_per_sec"], resume_after_step)
-    quality_log = CSVLog(run_dir / "quality.csv", QUALITY_COLUMNS, resume_after_step)
 
-    def save(epochs_done: int, batches_done: int, loader_state: torch.Tensor) -> None:
-        """Checkpoints the run as it stands, at the current `step`."""
-        save_checkpoint(
-            run_dir / "checkpoint.pt",
-            {
-                "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-                "rng": rng_state(),
-                "loader_rng": loader_state,
-                "epoch": epochs_done,
-                "batch": batches_done,
-                "step": step,
-                "grad_norm_d": grad_norm_d,
-                "d_metrics": optimizer_metrics(opt_d) if d_metrics is None else d_metrics,
-            },
-        )
-
-    # Ctrl-C (or a kill) only raises a flag: the step in progress finishes, so the
-    # checkpoint never holds a discriminator updated for a batch the step count misses.
-    interrupted = threading.Event()
-    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
-    signal.signal(signal.SIGTERM, lambda signum, frame: interrupted.set())
-
-    print(f"training {args.g_opt} (G) / {args.d_opt} (D) on {device}, {len(loader)} batches per epoch")
-    progress = tqdm(
-        range(start_epoch + 1, args.epochs + 1), initial=start_epoch, total=args.epochs, unit="epoch"
-    )
-    last_log_step, last_log_time = step, time.perf_counter()
-    for epoch in progress:
-        epoch_loader_state = loader_rng.get_state()
-        batches_done = start_batch if epoch == start_epoch + 1 else 0
-        for batch_index, real in islice(enumerate(loader), batches_done, None):
-            real = real.to(device)
-            noise = torch.randn(len(real), NOISE_DIM, device=device)
-            fake = generator(noise)
-
-            # D learns on every --d-every-th batch only. On the others it still scores the
-            # batch (without a graph), so every log row has D's loss, and dropout draws the
-            # same random numbers whatever --log-every is.
-            train_d = batch_index % args.d_every == 0
-            with torch.set_grad_enabled(train_d):
-                logits_real = discriminator(real)
-                logits_fake = discriminator(fake.detach())
-                loss_d = F.binary_cross_entropy_with_logits(
-                    logits_real, torch.full_like(logits_real, args.label_smooth)
-                ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-            if train_d:
-                # Also clears what the previous generator step left in D's gradients.
-                opt_d.zero_grad()
-                loss_d.backward()
-                grad_norm_d = grad_norm(discriminator.parameters())
-                opt_d.step()
-                d_metrics = None  # read from the optimizer when needed: no host sync here
-
-            # G, every batch, against the freshly updated D: the non-saturating loss.
-            logits_g = discriminator(fake)
-            loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones_like(logits_g))
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
-            step += 1
-            batches_done = batch_index + 1
-
-            if step % args.log_every == 0:
-                now = time.perf_counter()
-                agar_g, conf_g = optimizer_metrics(opt_g)
-                if d_metrics is None:
-                    d_metrics = optimizer_metrics(opt_d)
-                agar_d, conf_d = d_metrics
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss_d": loss_d.item(),
-                    "loss_g": loss_g.item(),
-                    "d_x": torch.sigmoid(logits_real).mean().item(),
-                    "d_g_z": torch.sigmoid(logits_fake).mean().item(),
-                    "agar_g": agar_g,
-                    "conf_g": conf_g,
-                    "agar_d": agar_d,
-                    "conf_d": conf_d,
-                    "grad_norm_g": grad_norm(generator.parameters()),
-                    "grad_norm_d": grad_norm_d,
-                    "steps_per_sec": (step - last_log_step) / (now - last_log_time),
-                }
-                log.write(row)
-                last_log_step, last_log_time = step, now
-                progress.set_postfix({key: f"{row[key]:.3f}" for key in ("loss_d", "loss_g", "d_x", "d_g_z")})
-            if interrupted.is_set():
-                break
-        if interrupted.is_set():
-            break
-
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            with torch.no_grad():
-                generated = generator(eval_noise).cpu()
-            quality = sample_quality(generated, real_eval)
-            quality_log.write({"epoch": epoch, "step": step, **quality})
-            title = f"epoch {epoch}: {quality['on_support']:.0%} on support, {quality['left_share']:.0%} left"
-            plot_points(
-                run_dir / "samples" / f"epoch_{epoch:03d}.png",
-                title,
-                (real_eval, "real", "tab:blue"),
-                (generated, "generated", "tab:orange"),
+def start_or_resume(run: Run, nets: gan_common.Nets) -> Counters:
+    counters = Counters()
+    if run.args.resume is not None:
+        checkpoint = gan_common.load_checkpoint(run.run_dir / "checkpoint.pt")
+        nets.load_state_dicts(checkpoint, run.run_dir / "checkpoint.pt")
+        gan_common.set_rng_state(checkpoint["rng"])
+        run.loader_rng.set_state(checkpoint["loader_rng"])
+        counters = Counters(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"])
+        counters.grad_norm_d, counters.d_metrics = checkpoint["grad_norm_d"], checkpoint["d_metrics"]
+        if counters.epoch >= run.args.epochs:
+            raise RunError(
+                f"{run.run_dir} has trained {counters.epoch} epochs already; pass a larger --epochs"
             )
-            tqdm.write(f"epoch {epoch}  step {step}  {format_quality(quality)}")
-            save(epoch, 0, loader_rng.get_state())
+    (run.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    gan_common.write_config(run.run_dir, SCRIPT, run.args, run.device)
+    return counters
+
+
+def save(
+    run: Run, nets: gan_common.Nets, counters: Counters, epochs_done: int, batches_done: int, loader_state
+) -> None:
+    """Checkpoints the run at the current step: `epochs_done` epochs and `batches_done`
+    batches of the next, whose shuffle `loader_state` draws."""
+    d_metrics = gan_common.optimizer_metrics(nets.opt_d) if counters.d_metrics is None else counters.d_metrics
+    payload = nets.state_dicts()
+    payload.update(rng=gan_common.rng_state(), loader_rng=loader_state, step=counters.step)
+    payload.update(
+        epoch=epochs_done, batch=batches_done, grad_norm_d=counters.grad_norm_d, d_metrics=d_metrics
+    )
+    gan_common.save_checkpoint(run.run_dir / "checkpoint.pt", payload)
+
+
+def train_step(
+    run: Run, nets: gan_common.Nets, real: torch.Tensor, counters: Counters, train_d: bool
+) -> dict:
+    """D's step on every --d-every-th batch, then G's; returns the batch's figures (tensors)."""
+    real = real.to(run.device)
+    fake = nets.generator(torch.randn(len(real), NOISE_DIM, device=run.device))
+    # On the other batches D still scores the batch (without a graph), so every log row has
+    # D's loss, and dropout draws the same random numbers whatever --log-every is.
+    with torch.set_grad_enabled(train_d):
+        logits_real = nets.discriminator(real)
+        logits_fake = nets.discriminator(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.full_like(logits_real, run.args.label_smooth)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    if train_d:
+        # Also clears what the previous generator step left in D's gradients.
+        nets.opt_d.zero_grad()
+        loss_d.backward()
+        counters.grad_norm_d = gan_common.grad_norm(nets.discriminator.parameters())
+        nets.opt_d.step()
+        counters.d_metrics = None
+    # G, every batch, against the freshly updated D: the non-saturating loss.
+    logits_g = nets.discriminator(fake)
+    loss_g = F.binary_cross_entropy_with_logits(logits_g, torch.ones_like(logits_g))
+    nets.opt_g.zero_grad()
+    loss_g.backward()
+    nets.opt_g.step()
+    return {"loss_d": loss_d, "loss_g": loss_g, "logits_real": logits_real, "logits_fake": logits_fake}
+
+
+def log_row(nets: gan_common.Nets, counters: Counters, epoch: int, figures: dict, seconds: float) -> dict:
+    agar_g, conf_g = gan_common.optimizer_metrics(nets.opt_g)
+    if counters.d_metrics is None:
+        counters.d_metrics = gan_common.optimizer_metrics(nets.opt_d)
+    agar_d, conf_d = counters.d_metrics
+    return {
+        "step": counters.step,
+        "epoch": epoch,
+        "loss_d": figures["loss_d"].item(),
+        "loss_g": figures["loss_g"].item(),
+        "d_x": torch.sigmoid(figures["logits_real"]).mean().item(),
+        "d_g_z": torch.sigmoid(figures["logits_fake"]).mean().item(),
+        "agar_g": agar_g,
+        "conf_g": conf_g,
+        "agar_d": agar_d,
+        "conf_d": conf_d,
+        "grad_norm_g": gan_common.grad_norm(nets.generator.parameters()),
+        "grad_norm_d": counters.grad_norm_d,
+        "steps_per_sec": seconds,
+    }
+
+
+def evaluate(run: Run, nets: gan_common.Nets, epoch: int, step: int, quality_log: gan_common.CSVLog) -> tuple:
+    """quality.csv's row and the epoch's scatter plot; returns the generated points and
+    their quality."""
+    with torch.no_grad():
+        generated = nets.generator(run.eval_noise).cpu()
+    quality = sample_quality(generated, run.real_eval)
+    quality_log.write({"epoch": epoch, "step": step, **quality})
+    title = f"epoch {epoch}: {quality['on_support']:.0%} on support, {quality['left_share']:.0%} left"
+    real, fake = (run.real_eval, "real", "tab:blue"), (generated, "generated", "tab:orange")
+    plot_points(run.run_dir / "samples" / f"epoch_{epoch:03d}.png", title, real, fake)
+    tqdm.write(f"epoch {epoch}  step {step}  {format_quality(quality)}")
+    return generated, quality
+
+
+def train_epochs(
+    run: Run, nets: gan_common.Nets, counters: Counters, stop: gan_common.StopSignal
+) -> tuple | None:
+    """Trains to --epochs or a signal, evaluating and checkpointing every --eval-every
+    epochs; returns the last evaluation's points and quality (None if none was made)."""
+    args, evaluation = run.args, None
+    log = gan_common.CSVLog(
+        run.run_dir / "log.csv", gan_common.LOG_COLUMNS + ["steps_per_sec"], counters.step
+    )
+    quality_log = gan_common.CSVLog(run.run_dir / "quality.csv", QUALITY_COLUMNS, counters.step)
+    print(
+        f"training {args.g_opt} (G) / {args.d_opt} (D) on {run.device}, {len(run.loader)} batches per epoch"
+    )
+    progress = tqdm(
+        range(counters.epoch + 1, args.epochs + 1), initial=counters.epoch, total=args.epochs, unit="epoch"
+    )
+    last_step, last_time = counters.step, time.perf_counter()
+    for epoch in progress:
+        counters.epoch_loader_state = run.loader_rng.get_state()
+        for batch_index, real in islice(enumerate(run.loader), counters.batch, None):
+            figures = train_step(run, nets, real, counters, train_d=batch_index % args.d_every == 0)
+            counters.step += 1
+            counters.batch = batch_index + 1
+            if counters.step % args.log_every == 0:
+                now = time.perf_counter()
+                row = log_row(nets, counters, epoch, figures, (counters.step - last_step) / (now - last_time))
+                log.write(row)
+                last_step, last_time = counters.step, now
+                progress.set_postfix({key: f"{row[key]:.3f}" for key in ("loss_d", "loss_g", "d_x", "d_g_z")})
+            if stop.signum:
+                break
+        if stop.signum:
+            break
+        counters.epoch, counters.batch = epoch, 0
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            evaluation = evaluate(run, nets, epoch, counters.step, quality_log)
+            save(run, nets, counters, epoch, 0, run.loader_rng.get_state())
     progress.close()
     log.close()
     quality_log.close()
+    return evaluation
 
-    if interrupted.is_set():
-        save(epoch - 1, batches_done, epoch_loader_state)
-        print(f"interrupted at step {step}; saved {run_dir / 'checkpoint.pt'}")
-        print(f"continue with: python {SCRIPT} --resume {run_dir}")
-        sys.exit(130)
 
-    # The last epoch was evaluated above: `generated` and `quality` are the final ones.
-    save_points(run_dir / "real.csv", real_eval)
-    save_points(run_dir / "generated.csv", generated)
-    plot_points(run_dir / "real.png", f"real data ({EVAL_POINTS} points)", (real_eval, "real", "tab:blue"))
+def finish(run: Run, step: int, generated: torch.Tensor, quality: dict) -> None:
+    """The final point sets and plots, and the coverage over the last evaluations."""
+    args, epoch, real = run.args, run.args.epochs, (run.real_eval, "real", "tab:blue")
+    save_points(run.run_dir / "real.csv", run.real_eval)
+    save_points(run.run_dir / "generated.csv", generated)
+    fake = (generated, "generated", "tab:orange")
+    plot_points(run.run_dir / "real.png", f"real data ({EVAL_POINTS} points)", real)
+    plot_points(run.run_dir / "generated.png", f"generated after {epoch} epochs ({EVAL_POINTS} points)", fake)
     plot_points(
-        run_dir / "generated.png",
-        f"generated after {epoch} epochs ({EVAL_POINTS} points)",
-        (generated, "generated", "tab:orange"),
+        run.run_dir / "overlay.png", f"{args.g_opt} (G) / {args.d_opt} (D), epoch {epoch}", real, fake
     )
-    plot_points(
-        run_dir / "overlay.png",
-        f"{args.g_opt} (G) / {args.d_opt} (D), epoch {epoch}",
-        (real_eval, "real", "tab:blue"),
-        (generated, "generated", "tab:orange"),
-    )
-
-    with open(run_dir / "quality.csv", newline="") as handle:
-        last_evaluations = list(csv.DictReader(handle))[-3:]
-    mean_on_support = sum(float(row["on_support"]) for row in last_evaluations) / len(last_evaluations)
-    epochs = ", ".join(row["epoch"] for row in last_evaluations)
+    with open(run.run_dir / "quality.csv", newline="") as handle:
+        last = list(csv.DictReader(handle))[-3:]
+    mean_on_support = sum(float(row["on_support"]) for row in last) / len(last)
     print(f"final (epoch {epoch}, step {step}): {format_quality(quality)}")
+    epochs = ", ".join(row["epoch"] for row in last)
     print(f"coverage over the last evaluations (epochs {epochs}): mean on_support {mean_on_support:.3f}")
-    print(f"outputs in {run_dir}/: log.csv, quality.csv, samples/, *.png, real.csv, generated.csv")
+    print(f"outputs in {run.run_dir}/: log.csv, quality.csv, samples/, *.png, real.csv, generated.csv")
+
+
+def train(args: argparse.Namespace) -> None:
+    if args.out is None:
+        args.out = Path(f"runs/toy2d-{args.g_opt}_{args.d_opt}-s{args.seed}")
+    gan_common.check_run_folder(Path(args.out), SCRIPT, resuming=args.resume is not None)
+    gan_common.seed_everything(args.seed)
+    run = prepare_run(args)
+    nets = build_nets(run)
+    counters = start_or_resume(run, nets)
+    stop = gan_common.StopSignal()
+    evaluation = train_epochs(run, nets, counters, stop)
+    stop.restore()
+    if stop.signum:
+        save(run, nets, counters, counters.epoch, counters.batch, counters.epoch_loader_state)
+        print(f"saved {run.run_dir / 'checkpoint.pt'}")
+        gan_common.exit_stopped(stop.signum, counters.step, f"python {SCRIPT} --resume {run.run_dir}")
+    finish(run, counters.step, *evaluation)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        train(gan_common.resolve_args(build_parser(), argv, SCRIPT, RESUME_MAY_CHANGE))
+    except RunError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; nothing saved since the last checkpoint")
 
 
 if __name__ == "__main__":

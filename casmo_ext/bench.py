@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -139,16 +140,19 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    info = {
+    """The machine record every published figure carries: date, versions, CPU, GPU, build.
+    The training scripts write it into config.json and benchmark.py into machine.json."""
+    return {
         "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
+        "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "build": build_info(),
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def format_table(rows: list[dict]) -> str:
@@ -189,7 +193,7 @@ def main() -> None:
     info = machine()
     print(
         f"# {info['date']}  torch {info['torch']}  {info['cpu']} ({info['cpu_threads']} threads)"
-        + (f"  GPU: {info['gpu']}" if "gpu" in info else "")
+        + (f"  GPU: {info['gpu']}" if info["gpu"] else "")
     )
     rows = run(devices, args.sets, args.min_rounds, args.min_seconds)
     print(format_table(rows))

@@ -1,4 +1,5 @@
-"""The CASMO step in plain PyTorch: the executable spec every kernel is tested against.
+"""The CASMO step of docs/casmo_spec.md in plain PyTorch: the executable spec every kernel
+is tested against.
 
 Written for clarity, one tensor at a time. It is also the fallback when the compiled
 kernels are missing, and the path for dtypes the kernels do not cover (float64).

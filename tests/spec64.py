@@ -1,4 +1,4 @@
-"""The CASMO step of CASMO_SPEC.md in float64 NumPy, written independently of the
+"""The CASMO step of docs/casmo_spec.md in float64 NumPy, written independently of the
 package: what the reference and every kernel are measured against."""
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """train_dcgan.py end to end (as a subprocess, on tiny data) and its pieces."""
 
 import csv
+import functools
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,11 +131,14 @@ def test_resume_continues_exactly(fake_data, tmp_path):
         32,
         "--log-every",
         1,
+        "--d-every",
+        3,  # D learns on steps 1 and 4: step 3, the first after resuming, carries step 1's figures
     ]
     check_ok(run(*common, "--epochs", 1, "--out", tmp_path / "split"))
     # Later runs read the cached tensor only: the JPEGs can go.
     shutil.rmtree(fake_data / "tiny-imagenet-200")
-    check_ok(run("--resume", tmp_path / "split", "--epochs", 2))
+    # The original command with --resume: repeating the run's own values is fine.
+    check_ok(run(*common, "--epochs", 2, "--resume", tmp_path / "split"))
     check_ok(run(*common, "--epochs", 2, "--out", tmp_path / "whole"))
 
     assert [int(row["step"]) for row in read_csv(tmp_path / "split" / "log.csv")] == [1, 2, 3, 4]
@@ -147,6 +154,10 @@ def test_resume_continues_exactly(fake_data, tmp_path):
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(split[key]["state"][index][name]), torch.as_tensor(value))
     assert read_csv(tmp_path / "split" / "quality.csv") == read_csv(tmp_path / "whole" / "quality.csv")
+    # D's columns on steps where it did not learn too: its last update's figures carry over.
+    untimed = [[{k: v for k, v in row.items() if k != "steps_per_sec"} for row in read_csv(run / "log.csv")]
+               for run in (tmp_path / "split", tmp_path / "whole")]  # fmt: skip
+    assert untimed[0] == untimed[1] and untimed[0][2]["grad_norm_d"] == untimed[0][0]["grad_norm_d"] != ""
 
 
 def test_ctrl_c_saves_and_resume_matches(tmp_path):
@@ -244,6 +255,9 @@ def test_bad_resume_folders(tmp_path, capsys):
     foreign = write_fake_run(tmp_path / "foreign", payload={"kind": "toy2d", "step": 3})
     fails_in_process(capsys, ["--resume", foreign], "is not a checkpoint of the run")
     fails_in_process(capsys, ["--resume", foreign, "--lr-g", "1e-3"], "--lr-g cannot change when resuming")
+    fails_in_process(capsys, ["--resume", foreign, "--out", plain], "name different folders")
+    started = write_fake_run(tmp_path / "started")  # died before its first checkpoint
+    fails_in_process(capsys, ["--resume", started], "without --resume")
     # The same, as a user meets it: a short message and no traceback.
     check_fails(run("--resume", corrupt), "cannot read checkpoint")
 
@@ -288,11 +302,57 @@ def test_spread_subset_takes_every_class_in_turn():
 def test_folder_dataset_is_decoded_once_and_cached(tmp_path):
     folder = make_fake_tinyimagenet(tmp_path / "data") / "train"
     Image.new("L", (80, 50)).save(folder / "wide_gray.png")  # resized and centre-cropped to 64x64
-    args = train_dcgan.build_parser().parse_args(["--dataset", "folder", "--data-root", str(folder)])
-    args.subset = 81
-    images = train_dcgan.load_images(args)
+    images = train_dcgan.load_images("folder", folder, subset=81, seed=0)
     assert images.shape == (81, 3, 64, 64) and images.dtype == torch.uint8
     assert (folder / "cache" / "folder-81-s0.pt").is_file()
     for wnid in WNIDS:  # a second load reads only the cache
         shutil.rmtree(folder / wnid)
-    assert torch.equal(train_dcgan.load_images(args), images)
+    assert torch.equal(train_dcgan.load_images("folder", folder, subset=81, seed=0), images)
+
+
+class ShellCommand:
+    """Unpickling this runs a shell command: the payload a hostile checkpoint would carry."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    hostile = write_fake_run(
+        tmp_path / "hostile", payload={"kind": "dcgan", "x": ShellCommand(f"touch {marker}")}
+    )
+    fails_in_process(capsys, ["--resume", hostile], "refusing checkpoint")
+    check_fails(run("--resume", hostile), "refusing checkpoint", "posix.system")
+    assert not marker.exists()
+
+
+def serve_folder(folder: Path):
+    """An HTTP server on 127.0.0.1 serving `folder`, in a thread; returns it (shut it down)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_download_checks_the_md5_and_extracts(tmp_path, monkeypatch, capsys):
+    """The download path end to end, against a local server holding a miniature zip."""
+    source = make_fake_tinyimagenet(tmp_path / "source")
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = Path(shutil.make_archive(str(served / "tiny-imagenet-200"), "zip", source.parent, source.name))
+    server = serve_folder(served)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        monkeypatch.setenv("CASMO_TINYIMAGENET_URL", url)
+        with pytest.raises(train_dcgan.DataError, match="not the official archive"):
+            train_dcgan.find_tinyimagenet(tmp_path / "wrong-md5")
+        monkeypatch.setattr(train_dcgan, "TINYIMAGENET_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+        folder = train_dcgan.find_tinyimagenet(tmp_path / "data")
+    finally:
+        server.shutdown()
+    assert folder == tmp_path / "data" / "tiny-imagenet-200"
+    assert sorted(p.name for p in (folder / "train").iterdir()) == WNIDS

@@ -308,10 +308,11 @@ def summary_of(tmp_path: Path, **columns) -> dict:
 
 
 def test_statistics_of_a_falling_d_loss(tmp_path):
-    # 20 rows: D loss 1.00, 0.95, ..., 0.05; G loss flat at 2; D(x) high from row 10, D(G(z)) low from 15.
+    # 20 rows: D loss 1.00, 0.95, ..., 0.05; G loss flat at 2; D(x) near the real label 0.9 from
+    # row 10, D(G(z)) below 0.05 from row 15: D won outright on the last 5 rows.
     d_loss = [1.0 - 0.05 * i for i in range(20)]
     summary = summary_of(
-        tmp_path, loss_d=d_loss, loss_g=[2.0] * 20, d_x=[0.5] * 10 + [0.9] * 10, d_g_z=[0.5] * 15 + [0.1] * 5
+        tmp_path, loss_d=d_loss, loss_g=[2.0] * 20, d_x=[0.5] * 10 + [0.8] * 10, d_g_z=[0.5] * 15 + [0.02] * 5
     )
     assert summary["d_initial"] == pytest.approx((1.0 + 0.95) / 2)  # first 10 % = 2 rows
     assert summary["d_final"] == pytest.approx((0.1 + 0.05) / 2)

@@ -1,6 +1,6 @@
 // The CASMO step, one element at a time: the single definition of the formula that
 // the CPU kernel, the CUDA kernels and the emulated CUDA kernels all call.
-// See CASMO_SPEC (README, "The CASMO step") for the math. Arithmetic is float32;
+// The math: docs/casmo_spec.md. Arithmetic is float32;
 // per-tensor constants are prepared in float64 on the host or once per block.
 #pragma once
 
