@@ -202,7 +202,7 @@ def shapes_feature_space(cache_dir: str | Path, seed: int = 0) -> FeatureSpace:
             model.load_state_dict(saved["state_dict"])
         except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
             raise SampleQualityError(
-                f"{path} is not a readable shapes classifier ({error}); delete it to retrain"
+                f"{path} is not a readable shapes classifier ({first_line(error)}); delete it to retrain"
             ) from None
         accuracy = saved["accuracy"]
     else:
@@ -226,7 +226,6 @@ def shapes_feature_space(cache_dir: str | Path, seed: int = 0) -> FeatureSpace:
 def inception_feature_space(weights_path: str | Path | None = None) -> FeatureSpace:
     """torch-fidelity's Inception-v3 (2048 pool features), the standard FID network. Without
     weights_path its weights are downloaded once (into torch's hub cache)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if weights_path is not None and not Path(weights_path).is_file():
@@ -240,19 +239,32 @@ def inception_feature_space(weights_path: str | Path | None = None) -> FeatureSp
             feature_extractor_weights_path=None if weights_path is None else str(weights_path),
             antialias=False,
         )
-    except OSError as error:
-        if weights_path is not None:
-            raise SampleQualityError(f"cannot read Inception weights {weights_path} ({error})") from None
-        raise SampleQualityError(
-            f"the Inception weights for FID/KID could not be downloaded from {URL_INCEPTION_V3} ({error}); "
-            "download that file elsewhere and pass --inception-weights PATH, or pass --no-fid to go without"
-        ) from None
-    except (RuntimeError, KeyError, pickle.UnpicklingError) as error:
-        raise SampleQualityError(
-            f"{weights_path} is not torch-fidelity's Inception weights ({str(error).splitlines()[0]}); "
-            f"pass a copy of {INCEPTION_FILE}"
-        ) from None
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        raise SampleQualityError(inception_weights_problem(weights_path, error)) from None
     return FeatureSpace("inception-v3-2048", model)
+
+
+def inception_weights_problem(weights_path: str | Path | None, error: Exception) -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    if weights_path is not None:
+        reason = first_line(error)
+        return f"{weights_path} is not a readable copy of torch-fidelity's {INCEPTION_FILE} ({reason})"
+    if isinstance(error, OSError):
+        return (
+            f"the Inception weights for FID/KID could not be downloaded from {URL_INCEPTION_V3} "
+            f"({first_line(error)}); download that file elsewhere and pass --inception-weights PATH, "
+            "or pass --no-fid to go without"
+        )
+    return (
+        f"the Inception weights downloaded into {torch.hub.get_dir()}/checkpoints do not load "
+        f"({first_line(error)}); delete them to download afresh, or pass --inception-weights PATH"
+    )
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def feature_space_for(
@@ -297,6 +309,13 @@ def reference_features(
             {"features": features, "class_counts": counts, "feature_space": space.name}, Path(cache_path)
         )
     return reference
+
+
+def reference_cache_path(
+    data_root: str | Path, dataset: str, count: int, seed: int, space: FeatureSpace
+) -> Path:
+    """Where a dataset's real features are cached: next to its decoded images in DATA_ROOT/cache."""
+    return Path(data_root) / "cache" / f"features-{dataset}-{count}-s{seed}-{space.name}.pt"
 
 
 def read_reference_cache(cache_path: str | Path | None, space: FeatureSpace, count: int) -> Reference | None:
@@ -358,6 +377,8 @@ class PrecomputedFeatures(nn.Module):
 
 
 def frechet_and_kernel_distances(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
+    """FID, and KID's mean and std over KID_SUBSETS random subsets (std 0 when the subset
+    has to take every sample, below KID_SUBSET_SIZE samples)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -428,6 +449,7 @@ def mode_metrics(logits: torch.Tensor, real_counts: torch.Tensor) -> dict:
     confident_counts = torch.bincount(predicted[confidence >= MODE_CONFIDENCE], minlength=len(real_counts))
     generated = torch.bincount(predicted, minlength=len(real_counts)).double()
     generated /= generated.sum()
+    # A class no real sample fell into still gets a little mass, keeping the KL finite.
     real = real_counts.double().clamp_min(1e-3)
     real /= real.sum()
     held = generated > 0

@@ -223,12 +223,20 @@ def test_inception_without_weights_offline_names_both_ways(monkeypatch):
     assert "--inception-weights PATH" in message and "--no-fid" in message and "\n" not in message
 
 
+def test_damaged_downloaded_inception_weights_say_what_to_delete(monkeypatch):
+    monkeypatch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    with pytest.raises(sq.SampleQualityError, match="checkpoints do not load .*delete them"):
+        sq.inception_feature_space(None)
+
+
 def test_inception_weights_that_are_missing_or_wrong(tmp_path):
     with pytest.raises(sq.SampleQualityError, match="no such file"):
         sq.inception_feature_space(tmp_path / "absent.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
-    with pytest.raises(sq.SampleQualityError, match="not torch-fidelity's Inception weights"):
+    with pytest.raises(
+        sq.SampleQualityError, match="not a readable copy of torch-fidelity's weights-inception"
+    ):
         sq.inception_feature_space(wrong)
 
 
