@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+# torchmetrics and torch-fidelity are imported where they are used: importing them takes
+# seconds, which a training script's --help or a run without evaluation need not wait for.
+
 KNN_K = 3
 EMBED_BATCH = 128
 # A generated sample counts towards a mode only when the classifier is this sure of it, and
