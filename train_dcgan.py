@@ -164,9 +164,16 @@ def make_shapes(count: int, seed: int) -> torch.Tensor:
     of random colours. The shape differs from its background in brightness, which a DCGAN
     learns first: its grids show shapes within a few hundred CPU steps (with shapes only
     shifted in hue from backgrounds of any brightness they were still colour noise at 800)."""
+    return shapes_with_factors(count, seed)[0]
+
+
+def shapes_with_factors(count: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """make_shapes' images and the factors that drew them, one row per image: kind (0 circle,
+    1 square, 2 triangle), colour (N, 3) in [0.55, 1], centre (N, 2) as (x, y) pixels, radius.
+    The sample quality measures' shapes classifier learns its classes from these."""
     generator = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE).float(), torch.arange(IMAGE_SIZE).float(), indexing="ij")
-    chunks = []
+    chunks, factors = [], []
     for start in range(0, count, 1024):
         n = min(1024, count - start)
         dark = 0.35 * torch.rand(n, 3, 1, 1, generator=generator)
@@ -183,7 +190,9 @@ def make_shapes(count: int, seed: int) -> torch.Tensor:
         mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)).unsqueeze(1)
         image = torch.where(mask, colour.expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE), background)
         chunks.append((image * 255).round().to(torch.uint8))
-    return torch.cat(chunks)
+        factors.append((kind.view(n), colour.view(n, 3), torch.cat([cx, cy], 1).view(n, 2), radius.view(n)))
+    kinds, colours, centres, radii = (torch.cat(parts) for parts in zip(*factors))
+    return torch.cat(chunks), {"kind": kinds, "colour": colours, "centre": centres, "radius": radii}
 
 
 def spread_subset(groups: list[list], size: int, seed: int) -> list:

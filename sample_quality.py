@@ -1,0 +1,503 @@
+"""Sample quality measures GAN papers report, in one feature space per dataset.
+
+- KID (mean and std over subsets) and FID, by torchmetrics' estimators;
+- precision and recall (Kynkäänniemi et al. 2019) and density and coverage (Naeem et al.
+  2020), all four from k-nearest-neighbour balls around the real features;
+- for the built-in shapes data, the modes a generator covers and the KL divergence of its
+  class histogram from the real one (stacked-MNIST style).
+
+Feature spaces: real image datasets use torch-fidelity's Inception-v3 (2048 features, the
+standard FID network); the shapes data uses the penultimate layer of a small CNN trained
+here on the shapes' known factors (kind x dominant colour x quadrant = 36 classes), as a
+LeNet is used for MNIST GANs. Shapes numbers are not comparable with Inception FIDs.
+
+    space = shapes_feature_space(data_root / "shapes_features")
+    reference = reference_features(real_uint8, space, cache_path)
+    evaluate(generated_uint8, reference, space)   # {"kid": ..., "fid": ..., ...}
+
+The same k-NN measures work on 2-D points: knn_manifold_metrics(real_points, fake_points).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+# torchmetrics and torch-fidelity are imported where they are used: importing them takes
+# seconds, which a training script's --help or a run without evaluation need not wait for.
+
+KNN_K = 3
+EMBED_BATCH = 128
+# A generated sample counts towards a mode only when the classifier is this sure of it, and
+# a mode counts as covered with this many such samples (robust to a stray lucky sample).
+MODE_CONFIDENCE = 0.9
+MODE_MIN_SAMPLES = 5
+# torch-fidelity's defaults; the subset shrinks to the sample count when that is smaller.
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+MIN_SAMPLES = 10
+IMAGE_SIZE = 64
+SCORE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+KINDS = ("circle", "square", "triangle")
+CHANNELS = ("red", "green", "blue")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+SHAPES_CLASSES = len(KINDS) * len(CHANNELS) * len(QUADRANTS)
+SHAPES_CLASSIFIER_VERSION = 1
+# Fresh images every epoch; 3 x 24k reach ~97% held-out accuracy in about a minute on one
+# core. The errors left are shapes within a pixel of a quadrant's edge or with two colour
+# channels within a few levels of each other.
+SHAPES_TRAIN_IMAGES = 24_000
+SHAPES_TEST_IMAGES = 3_000
+SHAPES_EPOCHS = 3
+SHAPES_LR = 3e-3
+# The classifier's data seeds, far from the small seeds runs draw their shapes with.
+SHAPES_SEED_BASE = 1_000_000
+SHAPES_MIN_ACCURACY = 0.95
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class SampleQualityError(Exception):
+    """Input the user can fix (missing weights, unreadable images); callers print it alone."""
+
+
+# ---------------------------------------------------------------------------------------
+# The shapes feature space
+
+
+def shapes_labels(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Class of each shape: kind x dominant colour channel x quadrant of its centre."""
+    dominant = factors["colour"].argmax(dim=1)
+    right = (factors["centre"][:, 0] >= IMAGE_SIZE / 2).long()
+    bottom = (factors["centre"][:, 1] >= IMAGE_SIZE / 2).long()
+    quadrant = 2 * bottom + right
+    return (factors["kind"] * len(CHANNELS) + dominant) * len(QUADRANTS) + quadrant
+
+
+def shapes_class_name(label: int) -> str:
+    rest, quadrant = divmod(label, len(QUADRANTS))
+    kind, channel = divmod(rest, len(CHANNELS))
+    return f"{CHANNELS[channel]} {KINDS[kind]} {QUADRANTS[quadrant]}"
+
+
+def labelled_shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Imported here because train_dcgan imports this module.
+    from train_dcgan import shapes_with_factors
+
+    images, factors = shapes_with_factors(count, seed)
+    return images, shapes_labels(factors)
+
+
+class ShapesClassifier(nn.Module):
+    """A small CNN on 64x64 uint8 images; forward gives (penultimate features, logits).
+    Two kinds of extra input channels make the classes' boundaries cheap to learn: each
+    channel minus the pixel's mean over channels (which channel dominates a colour), and
+    pixel coordinates (which quadrant a shape's centre is in)."""
+
+    def __init__(self, classes: int = SHAPES_CLASSES, features: int = 128) -> None:
+        super().__init__()
+        widths = [8, 16, 32, 64, 64]
+        layers = []
+        for cin, cout in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, features), nn.ReLU())
+        self.head = nn.Linear(features, classes)
+        ramp = torch.linspace(-1, 1, IMAGE_SIZE)
+        ys, xs = torch.meshgrid(ramp, ramp, indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys]).unsqueeze(0), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float() / 127.5 - 1
+        chroma = 4 * (x - x.mean(dim=1, keepdim=True))
+        x = torch.cat([x, chroma, self.coords.expand(len(x), -1, -1, -1)], dim=1)
+        features = self.body(x)
+        return features, self.head(features)
+
+
+def train_shapes_classifier(seed: int) -> tuple[ShapesClassifier, float]:
+    """Trains on freshly drawn shapes each epoch (seeds apart from any run's data) and returns
+    the model with its accuracy on held-out shapes."""
+    steps_per_epoch = math.ceil(SHAPES_TRAIN_IMAGES / EMBED_BATCH)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ShapesClassifier()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=SHAPES_LR, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=SHAPES_LR, total_steps=SHAPES_EPOCHS * steps_per_epoch
+        )
+        model.train()
+        progress = tqdm(
+            total=SHAPES_EPOCHS * steps_per_epoch, desc="shapes classifier", unit="step", leave=False
+        )
+        for epoch in range(SHAPES_EPOCHS):
+            images, labels = labelled_shapes(SHAPES_TRAIN_IMAGES, seed=SHAPES_SEED_BASE + 100 * seed + epoch)
+            for batch in torch.randperm(len(images)).split(EMBED_BATCH):
+                loss = F.cross_entropy(model(images[batch])[1], labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                progress.update()
+                progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        progress.close()
+    model.eval()
+    test_images, test_labels = labelled_shapes(SHAPES_TEST_IMAGES, seed=SHAPES_SEED_BASE + 100 * seed + 99)
+    predicted = embed(model, test_images)[1].argmax(dim=1)
+    return model, (predicted == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features, logits or None) of uint8 images, in batches on the model's device."""
+    device = next(model.parameters()).device
+    batches = images.split(EMBED_BATCH)
+    features, logits = [], []
+    for batch in tqdm(batches, desc="features", unit="batch", leave=False, disable=len(batches) < 8):
+        out = model(batch.to(device))
+        features.append((out[0] if isinstance(out, tuple) else out).float().cpu())
+        logits.append(out[1].float().cpu() if isinstance(out, tuple) else None)
+    return torch.cat(features), (torch.cat(logits) if logits[0] is not None else None)
+
+
+def save_whole(content: dict, path: Path) -> None:
+    """torch.save through a staging file, so an interrupted save leaves no half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".partial")
+    torch.save(content, staging)
+    staging.replace(path)
+
+
+@dataclass
+class FeatureSpace:
+    """A network from uint8 images (N, 3, 64, 64) to features; a classifier (forward giving
+    (features, logits)) also gives modes. `name` goes into config.json and cache keys."""
+
+    name: str
+    model: nn.Module
+    modes_total: int | None = None
+    classifier_accuracy: float | None = None
+
+    def to(self, device: str | torch.device) -> FeatureSpace:
+        self.model.to(device)
+        return self
+
+
+def shapes_feature_space(cache_dir: str | Path, seed: int = 0) -> FeatureSpace:
+    """The shapes classifier's feature space, trained once (about a minute) and then loaded
+    from cache_dir."""
+    path = Path(cache_dir) / f"shapes-classifier-v{SHAPES_CLASSIFIER_VERSION}-s{seed}.pt"
+    model = ShapesClassifier()
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state_dict"])
+        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise SampleQualityError(
+                f"{path} is not a readable shapes classifier ({first_line(error)}); delete it to retrain"
+            ) from None
+        accuracy = saved["accuracy"]
+    else:
+        start = time.perf_counter()
+        model, accuracy = train_shapes_classifier(seed)
+        seconds = time.perf_counter() - start
+        save_whole({"state_dict": model.state_dict(), "accuracy": accuracy, "train_seconds": seconds}, path)
+        tqdm.write(
+            f"shapes classifier: held-out accuracy {accuracy:.2%}, {seconds:.0f} s to train, saved to {path}"
+        )
+    if accuracy < SHAPES_MIN_ACCURACY:
+        warnings.warn(
+            f"the shapes classifier in {path} has held-out accuracy {accuracy:.2%} only", stacklevel=2
+        )
+    model.eval()
+    # The weights' fingerprint keeps real features cached with another classifier from being used.
+    name = f"shapes-cnn-v{SHAPES_CLASSIFIER_VERSION}-{hashlib.sha1(path.read_bytes()).hexdigest()[:10]}"
+    return FeatureSpace(name, model, modes_total=SHAPES_CLASSES, classifier_accuracy=accuracy)
+
+
+def inception_feature_space(weights_path: str | Path | None = None) -> FeatureSpace:
+    """torch-fidelity's Inception-v3 (2048 pool features), the standard FID network. Without
+    weights_path its weights are downloaded once (into torch's hub cache)."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise SampleQualityError(f"Inception weights {weights_path}: no such file (--inception-weights)")
+    try:
+        # TF1-compatible resizing, as in torch-fidelity and the original FID code, so that
+        # the numbers compare with published ones.
+        model = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+            antialias=False,
+        )
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        raise SampleQualityError(inception_weights_problem(weights_path, error)) from None
+    return FeatureSpace("inception-v3-2048", model)
+
+
+def inception_weights_problem(weights_path: str | Path | None, error: Exception) -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    if weights_path is not None:
+        reason = first_line(error)
+        return f"{weights_path} is not a readable copy of torch-fidelity's {INCEPTION_FILE} ({reason})"
+    if isinstance(error, OSError):
+        return (
+            f"the Inception weights for FID/KID could not be downloaded from {URL_INCEPTION_V3} "
+            f"({first_line(error)}); download that file elsewhere and pass --inception-weights PATH, "
+            "or pass --no-fid to go without"
+        )
+    return (
+        f"the Inception weights downloaded into {torch.hub.get_dir()}/checkpoints do not load "
+        f"({first_line(error)}); delete them to download afresh, or pass --inception-weights PATH"
+    )
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def feature_space_for(
+    dataset: str, data_root: str | Path, inception_weights: str | Path | None = None
+) -> FeatureSpace:
+    """The shapes classifier (cached in DATA_ROOT/shapes_features) for the shapes data,
+    Inception for real image datasets."""
+    if dataset == "shapes":
+        return shapes_feature_space(Path(data_root) / "shapes_features")
+    return inception_feature_space(inception_weights)
+
+
+# ---------------------------------------------------------------------------------------
+# The real set and the measures
+
+
+@dataclass
+class Reference:
+    """What evaluation compares against: the real set's features and, in a feature space
+    with classes, its class histogram (counts of predicted classes)."""
+
+    features: torch.Tensor
+    class_counts: torch.Tensor | None
+    feature_space: str
+
+
+def reference_features(
+    images: torch.Tensor, space: FeatureSpace, cache_path: str | Path | None = None
+) -> Reference:
+    """The real images' Reference, loaded from cache_path when it was made in the same
+    feature space from as many images (the caller's path names the dataset and subset);
+    otherwise computed and saved there."""
+    cached = read_reference_cache(cache_path, space, len(images))
+    if cached is not None:
+        return cached
+    check_images(images, "real images")
+    features, logits = embed(space.model, images)
+    counts = None if logits is None else torch.bincount(logits.argmax(dim=1), minlength=space.modes_total)
+    reference = Reference(features, counts, space.name)
+    if cache_path is not None:
+        save_whole(
+            {"features": features, "class_counts": counts, "feature_space": space.name}, Path(cache_path)
+        )
+    return reference
+
+
+def reference_cache_path(
+    data_root: str | Path, dataset: str, count: int, seed: int, space: FeatureSpace
+) -> Path:
+    """Where a dataset's real features are cached: next to its decoded images in DATA_ROOT/cache."""
+    return Path(data_root) / "cache" / f"features-{dataset}-{count}-s{seed}-{space.name}.pt"
+
+
+def read_reference_cache(cache_path: str | Path | None, space: FeatureSpace, count: int) -> Reference | None:
+    """The cached Reference, or None when there is none that fits (a damaged one is remade)."""
+    if cache_path is None or not Path(cache_path).exists():
+        return None
+    try:
+        saved = torch.load(cache_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        return None
+    if saved.get("feature_space") != space.name or len(saved["features"]) != count:
+        return None
+    return Reference(saved["features"], saved["class_counts"], space.name)
+
+
+def check_images(images: torch.Tensor, what: str) -> None:
+    expected = (3, IMAGE_SIZE, IMAGE_SIZE)
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise SampleQualityError(
+            f"{what} must be uint8 of shape (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {images.dtype} "
+            f"{tuple(images.shape)}; convert generator output with from_tanh()"
+        )
+    if len(images) < MIN_SAMPLES:
+        raise SampleQualityError(
+            f"{what}: {len(images)} images are too few to score; use at least {MIN_SAMPLES}"
+        )
+
+
+def from_tanh(images: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] to uint8 [0, 255], as saved images would hold it."""
+    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def evaluate(generated: torch.Tensor, reference: Reference, space: FeatureSpace, seed: int = 0) -> dict:
+    """kid, kid_std, fid, precision, recall, density, coverage of uint8 images against the
+    reference, plus modes_covered, modes_total and mode_kl in a feature space with classes.
+    `seed` fixes KID's subsets without touching the caller's random state."""
+    if reference.feature_space != space.name:
+        raise SampleQualityError(f"the reference was made in {reference.feature_space}, not in {space.name}")
+    check_images(generated, "generated images")
+    features, logits = embed(space.model, generated)
+    metrics = frechet_and_kernel_distances(reference.features, features, seed)
+    metrics.update(knn_manifold_metrics(reference.features, features))
+    if logits is not None and reference.class_counts is not None:
+        metrics.update(mode_metrics(logits, reference.class_counts))
+    return metrics
+
+
+class PrecomputedFeatures(nn.Module):
+    """Lets torchmetrics' FID and KID take features instead of images, so both feature
+    spaces and the cached real features go through one code path."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def frechet_and_kernel_distances(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
+    """FID, and KID's mean and std over KID_SUBSETS random subsets (std 0 when the subset
+    has to take every sample, below KID_SUBSET_SIZE samples)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    subset_size = min(KID_SUBSET_SIZE, len(real), len(fake))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(
+            feature=PrecomputedFeatures(real.shape[1]), subsets=KID_SUBSETS, subset_size=subset_size
+        )
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"kid": kid_mean.item(), "kid_std": kid_std.item(), "fid": fid.compute().item()}
+
+
+def row_chunks(rows: torch.Tensor, columns: torch.Tensor):
+    """(row slice, distances of those rows to every column), a few million at a time."""
+    step = max(1, (1 << 22) // max(1, len(columns)))
+    for start in range(0, len(rows), step):
+        yield slice(start, start + step), torch.cdist(rows[start : start + step], columns)
+
+
+def kth_neighbour_distance(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point: the radius of its k-NN ball."""
+    radii = torch.empty(len(points))
+    for rows, distances in row_chunks(points, points):
+        radii[rows] = distances.topk(k + 1, dim=1, largest=False).values[:, k]
+    return radii
+
+
+def knn_manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = KNN_K) -> dict:
+    """Precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al.
+    2020) from k-NN balls, for features or for points of any dimension (the toy's 2-D).
+    Precision: share of fakes inside some real ball; recall: share of reals inside some
+    fake ball; density: real balls holding a fake, per fake, over k; coverage: share of
+    real balls holding a fake."""
+    real, fake = real.float(), fake.float()
+    if min(len(real), len(fake)) <= k:
+        raise SampleQualityError(f"k-NN measures with k={k} need more than {k} real and generated samples")
+    real_radii, fake_radii = kth_neighbour_distance(real, k), kth_neighbour_distance(fake, k)
+    balls_holding_fake = torch.zeros(len(fake))
+    recalled = torch.zeros(len(real), dtype=torch.bool)
+    covered = torch.zeros(len(real), dtype=torch.bool)
+    for rows, distances in row_chunks(real, fake):
+        inside_real_balls = distances < real_radii[rows, None]
+        balls_holding_fake += inside_real_balls.sum(dim=0)
+        covered[rows] = inside_real_balls.any(dim=1)
+        recalled[rows] = (distances < fake_radii[None, :]).any(dim=1)
+    return {
+        "precision": (balls_holding_fake > 0).float().mean().item(),
+        "recall": recalled.float().mean().item(),
+        "density": (balls_holding_fake.sum() / (k * len(fake))).item(),
+        "coverage": covered.float().mean().item(),
+    }
+
+
+def mode_metrics(logits: torch.Tensor, real_counts: torch.Tensor) -> dict:
+    """modes_covered: classes with at least MODE_MIN_SAMPLES confidently classified samples;
+    mode_kl: KL(generated class histogram || real one), in nats (0 when they match, log 36
+    when all samples fall in one of 36 equally common classes)."""
+    probabilities = logits.softmax(dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    confident_counts = torch.bincount(predicted[confidence >= MODE_CONFIDENCE], minlength=len(real_counts))
+    generated = torch.bincount(predicted, minlength=len(real_counts)).double()
+    generated /= generated.sum()
+    # A class no real sample fell into still gets a little mass, keeping the KL finite.
+    real = real_counts.double().clamp_min(1e-3)
+    real /= real.sum()
+    held = generated > 0
+    kl = (generated[held] * (generated[held] / real[held]).log()).sum()
+    return {
+        "modes_covered": int((confident_counts >= MODE_MIN_SAMPLES).sum()),
+        "modes_total": len(real_counts),
+        "mode_kl": kl.item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring a folder of images
+
+
+def read_image_folder(folder: str | Path) -> torch.Tensor:
+    """The PNG/JPEG files directly in folder as uint8 (N, 3, 64, 64), in name order. Other
+    sizes are refused rather than resized: a resampling filter would change the scores."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SampleQualityError(f"{folder} is not a folder of images to score")
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in SCORE_SUFFIXES)
+    if not paths:
+        raise SampleQualityError(f"{folder} holds no PNG or JPEG images to score")
+    return torch.stack(
+        [read_score_image(path) for path in tqdm(paths, desc="reading", unit="img", leave=False)]
+    )
+
+
+def read_score_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except (OSError, UnidentifiedImageError) as error:
+        raise SampleQualityError(f"cannot read image {path} ({error})") from None
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise SampleQualityError(
+            f"{path} is {image.width}x{image.height}, the dataset's images are {IMAGE_SIZE}x{IMAGE_SIZE}; "
+            "resize the images first (scoring refuses to resize, which would change the scores)"
+        )
+    return pixels.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
+
+
+def score_images(folder: str | Path, reference: Reference, space: FeatureSpace, seed: int = 0) -> dict:
+    """evaluate() on the images of a folder (--score-images DIR); the caller prints the
+    dict as one JSON line."""
+    return evaluate(read_image_folder(folder), reference, space, seed)

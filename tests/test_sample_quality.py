@@ -1,0 +1,268 @@
+import math
+import urllib.error
+
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+from PIL import Image
+
+import sample_quality as sq
+import train_dcgan
+
+SAMPLES = 1000
+METRIC_KEYS = {"kid", "kid_std", "fid", "precision", "recall", "density", "coverage"}
+MODE_KEYS = {"modes_covered", "modes_total", "mode_kl"}
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes_features")
+
+
+@pytest.fixture(scope="session")
+def shapes_space(shapes_cache):
+    # Trained once per test session (about a minute on one core).
+    return sq.shapes_feature_space(shapes_cache)
+
+
+@pytest.fixture(scope="session")
+def reference(shapes_space):
+    return sq.reference_features(train_dcgan.make_shapes(SAMPLES, seed=1), shapes_space)
+
+
+@pytest.fixture(scope="session")
+def real_scores(shapes_space, reference):
+    return sq.evaluate(train_dcgan.make_shapes(SAMPLES, seed=2), reference, shapes_space)
+
+
+def recoloured(images: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
+    """The shapes painted one colour; their backgrounds (every channel <= 0.35 * 255) kept."""
+    shape_pixels = images.amax(dim=1, keepdim=True) >= 128
+    colour = torch.tensor(rgb, dtype=torch.uint8).view(1, 3, 1, 1).expand_as(images)
+    return torch.where(shape_pixels, colour, images)
+
+
+def test_shapes_with_factors_are_make_shapes_images_and_their_factors():
+    images, factors = train_dcgan.shapes_with_factors(300, seed=4)
+    assert torch.equal(images, train_dcgan.make_shapes(300, seed=4))
+    # Every kind of shape covers its centre pixel, in its own colour.
+    x, y = factors["centre"].round().long().unbind(dim=1)
+    centre_pixels = images[torch.arange(300), :, y, x]
+    assert torch.equal(centre_pixels, (factors["colour"] * 255).round().to(torch.uint8))
+    labels = sq.shapes_labels(factors)
+    assert labels.min() >= 0 and labels.max() < sq.SHAPES_CLASSES
+    assert len(labels.unique()) == sq.SHAPES_CLASSES
+
+
+def test_class_names_spell_out_the_factors():
+    assert sq.shapes_class_name(0) == "red circle top-left"
+    assert sq.shapes_class_name(sq.SHAPES_CLASSES - 1) == "blue triangle bottom-right"
+
+
+def test_shapes_classifier_is_accurate_and_cached(shapes_space, shapes_cache, monkeypatch):
+    assert shapes_space.classifier_accuracy >= 0.95
+    assert shapes_space.modes_total == 36
+    monkeypatch.setattr(
+        sq, "train_shapes_classifier", lambda seed: pytest.fail("retrained despite the cache")
+    )
+    loaded = sq.shapes_feature_space(shapes_cache)
+    assert loaded.classifier_accuracy == shapes_space.classifier_accuracy
+    for name, value in shapes_space.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+
+
+def test_a_damaged_classifier_cache_names_the_fix(tmp_path):
+    (tmp_path / f"shapes-classifier-v{sq.SHAPES_CLASSIFIER_VERSION}-s0.pt").write_bytes(b"garbage")
+    with pytest.raises(sq.SampleQualityError, match="delete it to retrain"):
+        sq.shapes_feature_space(tmp_path)
+
+
+def test_real_against_real_shapes_scores_well(real_scores):
+    print("real vs real:", real_scores)
+    assert set(real_scores) == METRIC_KEYS | MODE_KEYS
+    # KID and FID scale with the features (norms near 40 here), and FID has a bias that
+    # shrinks with the sample count; the tests below set these against noise and collapse.
+    assert abs(real_scores["kid"]) < 2 and real_scores["fid"] < 25
+    assert real_scores["precision"] > 0.85 and real_scores["recall"] > 0.85
+    assert 0.85 < real_scores["density"] < 1.15 and real_scores["coverage"] > 0.8
+    assert real_scores["modes_covered"] == real_scores["modes_total"] == 36
+    assert real_scores["mode_kl"] < 0.1
+
+
+def test_noise_scores_far_worse(shapes_space, reference, real_scores):
+    noise = torch.randint(
+        0, 256, (SAMPLES, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    scores = sq.evaluate(noise, reference, shapes_space)
+    print("noise:", scores)
+    assert scores["kid"] > 100 * abs(real_scores["kid"])
+    assert scores["fid"] > 20 * real_scores["fid"]
+    assert scores["recall"] < 0.05 and scores["coverage"] < 0.05 and scores["density"] < 0.1
+
+
+def test_one_repeated_image_recalls_nothing_and_covers_one_mode(shapes_space, reference):
+    one = train_dcgan.make_shapes(1, seed=5).expand(SAMPLES, -1, -1, -1).contiguous()
+    scores = sq.evaluate(one, reference, shapes_space)
+    print("one image:", scores)
+    assert scores["recall"] < 0.01 and scores["coverage"] < 0.01
+    assert scores["modes_covered"] == 1
+    assert scores["mode_kl"] > 0.8 * math.log(36)
+
+
+def test_shapes_of_one_hue_cover_fewer_modes(shapes_space, reference, real_scores):
+    reddish = recoloured(train_dcgan.make_shapes(SAMPLES, seed=2), (250, 150, 160))
+    scores = sq.evaluate(reddish, reference, shapes_space)
+    print("one hue:", scores)
+    assert scores["modes_covered"] <= 12  # 3 kinds x 4 quadrants, all red
+    assert scores["recall"] < real_scores["recall"] - 0.3
+    assert scores["fid"] > 10 * real_scores["fid"]
+    assert scores["mode_kl"] > 0.8 * math.log(3)
+
+
+def test_evaluate_leaves_the_global_random_state_alone(shapes_space, reference):
+    state = torch.get_rng_state()
+    first = sq.evaluate(train_dcgan.make_shapes(50, seed=6), reference, shapes_space, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sq.evaluate(train_dcgan.make_shapes(50, seed=6), reference, shapes_space, seed=3) == first
+
+
+def test_evaluate_refuses_what_it_cannot_score(shapes_space, reference):
+    with pytest.raises(sq.SampleQualityError, match="from_tanh"):
+        sq.evaluate(torch.zeros(20, 3, 64, 64), reference, shapes_space)
+    with pytest.raises(sq.SampleQualityError, match="too few"):
+        sq.evaluate(train_dcgan.make_shapes(3, seed=0), reference, shapes_space)
+    elsewhere = sq.Reference(reference.features, None, "inception-v3-2048")
+    with pytest.raises(sq.SampleQualityError, match="made in inception"):
+        sq.evaluate(train_dcgan.make_shapes(20, seed=0), elsewhere, shapes_space)
+
+
+def test_from_tanh_maps_generator_range_to_bytes():
+    assert sq.from_tanh(torch.tensor([-1.0, 0.0, 1.0, 1.5])).tolist() == [0, 128, 255, 255]
+
+
+def test_real_features_are_cached(shapes_space, tmp_path, monkeypatch):
+    images = train_dcgan.make_shapes(40, seed=7)
+    cache = tmp_path / "features.pt"
+    made = sq.reference_features(images, shapes_space, cache)
+    monkeypatch.setattr(sq, "embed", lambda *args: pytest.fail("recomputed despite the cache"))
+    loaded = sq.reference_features(images, shapes_space, cache)
+    assert torch.equal(loaded.features, made.features)
+    assert torch.equal(loaded.class_counts, made.class_counts)
+
+
+def test_a_damaged_real_features_cache_is_remade(shapes_space, tmp_path):
+    cache = tmp_path / "features.pt"
+    cache.write_bytes(b"garbage")
+    made = sq.reference_features(train_dcgan.make_shapes(40, seed=7), shapes_space, cache)
+    assert torch.equal(torch.load(cache)["features"], made.features)
+
+
+def test_knn_measures_by_hand():
+    # k = 1: every real ball has radius 1; fake 0.5 lies in the balls of reals 0 and 1.
+    real = torch.tensor([[0.0, 0], [1, 0], [2, 0], [3, 0], [4, 0]])
+    fake = torch.tensor([[0.5, 0], [10, 0]])
+    scores = sq.knn_manifold_metrics(real, fake, k=1)
+    assert scores == pytest.approx({"precision": 0.5, "recall": 1.0, "density": 1.0, "coverage": 0.4})
+
+
+def test_knn_measures_on_2d_points():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-5.0, 0.0], [5.0, 0.0]])
+
+    def blobs(count, which):
+        return centres[which] + 0.5 * torch.randn(count, 2, generator=generator)
+
+    real = blobs(1000, torch.arange(1000) % 2)
+    same = sq.knn_manifold_metrics(real, blobs(1000, torch.arange(1000) % 2))
+    one_blob = sq.knn_manifold_metrics(real, blobs(1000, torch.zeros(1000, dtype=torch.long)))
+    far = sq.knn_manifold_metrics(real, blobs(1000, torch.zeros(1000, dtype=torch.long)) + 100)
+    # Coverage of a sample from the same distribution is about 1 - 2^-k (Naeem et al.): 0.875.
+    assert same["precision"] > 0.9 and same["recall"] > 0.9 and same["coverage"] > 0.8
+    assert (
+        one_blob["precision"] > 0.9 and 0.4 < one_blob["recall"] < 0.55 and 0.4 < one_blob["coverage"] < 0.55
+    )
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+@pytest.fixture
+def random_inception_weights(tmp_path, monkeypatch):
+    """A weights file in torch-fidelity's format, with random weights (nothing downloaded)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(
+            fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None
+        )
+        model = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path / sq.INCEPTION_FILE
+    torch.save(model.state_dict(), path)
+    return path, model.state_dict()
+
+
+def test_inception_space_loads_local_weights_and_scores(random_inception_weights):
+    path, state = random_inception_weights
+    space = sq.inception_feature_space(path)
+    assert torch.equal(
+        space.model.state_dict()["Mixed_7c.branch_pool.conv.weight"],
+        state["Mixed_7c.branch_pool.conv.weight"],
+    )
+    real = sq.reference_features(train_dcgan.make_shapes(sq.MIN_SAMPLES, seed=1), space)
+    assert real.features.shape == (sq.MIN_SAMPLES, 2048) and real.class_counts is None
+    scores = sq.evaluate(train_dcgan.make_shapes(sq.MIN_SAMPLES, seed=2), real, space)
+    assert set(scores) == METRIC_KEYS
+    assert all(math.isfinite(value) for value in scores.values())
+
+
+def test_inception_without_weights_offline_names_both_ways(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(fidelity_inception, "load_state_dict_from_url", offline)
+    with pytest.raises(sq.SampleQualityError) as caught:
+        sq.inception_feature_space(None)
+    message = str(caught.value)
+    assert "--inception-weights PATH" in message and "--no-fid" in message and "\n" not in message
+
+
+def test_damaged_downloaded_inception_weights_say_what_to_delete(monkeypatch):
+    monkeypatch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    with pytest.raises(sq.SampleQualityError, match="checkpoints do not load .*delete them"):
+        sq.inception_feature_space(None)
+
+
+def test_inception_weights_that_are_missing_or_wrong(tmp_path):
+    with pytest.raises(sq.SampleQualityError, match="no such file"):
+        sq.inception_feature_space(tmp_path / "absent.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
+    with pytest.raises(
+        sq.SampleQualityError, match="not a readable copy of torch-fidelity's weights-inception"
+    ):
+        sq.inception_feature_space(wrong)
+
+
+def write_pngs(folder, images):
+    folder.mkdir(exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:03d}.png")
+
+
+def test_score_images_scores_a_folder(shapes_space, reference, tmp_path):
+    write_pngs(tmp_path / "samples", train_dcgan.make_shapes(40, seed=8))
+    scores = sq.score_images(tmp_path / "samples", reference, shapes_space)
+    assert set(scores) == METRIC_KEYS | MODE_KEYS
+    assert scores["precision"] > 0.7
+
+
+def test_score_images_errors(shapes_space, reference, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sq.SampleQualityError, match="no PNG or JPEG"):
+        sq.score_images(tmp_path / "empty", reference, shapes_space)
+    with pytest.raises(sq.SampleQualityError, match="not a folder"):
+        sq.score_images(tmp_path / "absent", reference, shapes_space)
+    write_pngs(tmp_path / "broken", train_dcgan.make_shapes(12, seed=8))
+    (tmp_path / "broken" / "005.png").write_bytes(b"not a png")
+    with pytest.raises(sq.SampleQualityError, match="cannot read image .*005.png"):
+        sq.score_images(tmp_path / "broken", reference, shapes_space)
+    write_pngs(tmp_path / "small", torch.zeros(12, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(sq.SampleQualityError, match="is 32x32.*resize"):
+        sq.score_images(tmp_path / "small", reference, shapes_space)
