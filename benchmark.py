@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import gan_common
 import plot_logs
+import sample_quality
 import train_dcgan
 
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
@@ -161,11 +162,14 @@ def state(job: Job) -> str:
 def prepare_data(args: argparse.Namespace) -> None:
     """Downloads and decodes the DCGAN's images once, before runs start side by side (each
     would otherwise download the same archive): every seed's subset lands in the cache the
-    runs read."""
-    if args.dataset == "shapes":
-        return
-    for seed in range(args.dcgan_seeds):
-        train_dcgan.load_images(args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1)
+    runs read. The same for the feature space of the sample-quality measures."""
+    if args.dataset != "shapes":
+        for seed in range(args.dcgan_seeds):
+            train_dcgan.load_images(
+                args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1
+            )
+    # The feature space too: the shapes classifier is trained once, here, not by every run.
+    sample_quality.feature_space_for(args.dataset, args.data_root)
 
 
 def run(job: Job, log_dir: Path, threads: int) -> tuple[Job, int, Path]:
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         prepare_data(args)
-    except train_dcgan.DataError as error:
+    except (train_dcgan.DataError, sample_quality.SampleQualityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:

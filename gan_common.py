@@ -38,12 +38,16 @@ LOG_COLUMNS = [
     "conf_d",
     "grad_norm_g",
     "grad_norm_d",
+    "grad_noise_g",
+    "grad_noise_d",
 ]
 # D "wins outright" on a step when it rejects the fakes and is as sure of the reals as its
 # labels allow: D(G(z)) below DOMINANCE_FAKE and D(x) within DOMINANCE_REAL_MARGIN of the
 # real label (with label 0.9 the best D(x) is 0.9, so "near 1" means near the label).
 DOMINANCE_FAKE = 0.05
 DOMINANCE_REAL_MARGIN = 0.15
+# The gradient noise ratio's averages span about 1 / (1 - beta) = 20 of a network's updates.
+GRADIENT_NOISE_BETA = 0.95
 
 
 class RunError(Exception):
@@ -111,6 +115,45 @@ def grad_norm(parameters) -> torch.Tensor:
 def real_label(label_smooth: float, real_label_range: list[float] | None = None) -> float:
     """D's mean target for real samples: the fixed label, or the middle of the random range."""
     return label_smooth if real_label_range is None else sum(real_label_range) / 2
+
+
+class GradientNoise:
+    """The gradient noise ratio of one network, 1 − ‖EMA(g)‖² / EMA(‖g‖²) with both averages
+    bias-corrected: 0 when every step's gradient is the same (all signal), near 1 when the
+    gradients of nearby steps cancel (all noise). Adam and CASMO networks alike; one buffer
+    the size of the gradients, updated on the device at every step, read on logged steps."""
+
+    def __init__(self, parameters, beta: float = GRADIENT_NOISE_BETA):
+        self.parameters = list(parameters)
+        self.beta = beta
+        self.mean = [torch.zeros_like(p) for p in self.parameters]
+        self.square = torch.zeros((), device=self.mean[0].device)
+        self.updates = 0
+
+    def update(self) -> None:
+        """Folds in the gradients the last backward pass left (an absent one counts as 0)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        torch._foreach_lerp_(self.mean, grads, 1 - self.beta)
+        norms = torch._foreach_norm(grads)
+        self.square.lerp_(torch.stack(norms).square().sum().float(), 1 - self.beta)
+        self.updates += 1
+
+    def ratio(self) -> torch.Tensor | None:
+        if self.updates == 0:
+            return None
+        correction = 1 - self.beta**self.updates
+        mean_norm = torch.stack(torch._foreach_norm(self.mean)).square().sum() / correction**2
+        ratio = 1 - mean_norm / (self.square / correction).clamp_min(torch.finfo(torch.float32).tiny)
+        return ratio.clamp(0, 1)  # in [0, 1] but for rounding (‖mean‖² ≤ mean of ‖g‖²)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "square": self.square, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        for buffer, saved in zip(self.mean, state["mean"]):
+            buffer.copy_(saved)
+        self.square.copy_(state["square"])
+        self.updates = state["updates"]
 
 
 def d_dominated(d_x, d_g_z, real_label: float):
@@ -232,24 +275,29 @@ def write_config(run_dir: Path, script: str, args: argparse.Namespace, device: t
 
 @dataclass
 class Nets:
-    """The two networks and their optimizers, checkpointed under these four names."""
+    """The two networks, their optimizers and their gradient noise ratios, checkpointed
+    under these names (a script's subclass adds its own)."""
 
     generator: torch.nn.Module
     discriminator: torch.nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
+    noise_g: GradientNoise | None = None
+    noise_d: GradientNoise | None = None
 
-    NAMES = ("generator", "discriminator", "opt_g", "opt_d")
+    NAMES = ("generator", "discriminator", "opt_g", "opt_d", "noise_g", "noise_d")
 
     def state_dicts(self) -> dict:
-        return {name: getattr(self, name).state_dict() for name in self.NAMES}
+        parts = {name: getattr(self, name) for name in self.NAMES}
+        return {name: None if part is None else part.state_dict() for name, part in parts.items()}
 
     def load_state_dicts(self, checkpoint: dict, path: Path) -> None:
         """Loads what state_dicts() saved; a RunError if it does not fit these networks."""
         try:
             for name in self.NAMES:
-                getattr(self, name).load_state_dict(checkpoint[name])
-        except (RuntimeError, KeyError, ValueError) as error:
+                if getattr(self, name) is not None:
+                    getattr(self, name).load_state_dict(checkpoint[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
             raise RunError(f"{path} does not fit this model: {error}") from None
 
 
@@ -284,6 +332,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Writes a temporary file and renames it: a crash mid-save keeps the old checkpoint."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     torch.save(payload, tmp)
     with open(tmp, "rb") as handle:

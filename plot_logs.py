@@ -25,6 +25,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import matplotlib.ticker as ticker
 import numpy as np
+import scipy.stats
 from tqdm import tqdm
 
 import gan_common
@@ -415,6 +416,7 @@ class Panel:
     ylim: tuple[float, float] | None = None
     guides: tuple[float, ...] = ()  # horizontal reference lines
     empty_note: str = "nothing logged"
+    source: str = "log"  # the file its series come from: "log" or "quality"
 
 
 G_LOSS = Series("loss_g", "G loss", "tab:blue")
@@ -435,6 +437,37 @@ SCORE_PANEL = Panel(
 GRAD_PANEL = Panel("Gradient norms", "global L2 norm of the gradient", (G_GRAD, D_GRAD), log_y=True)
 AGAR_PANEL = Panel("AGAR", "AGAR", (G_AGAR, D_AGAR))
 CONF_PANEL = Panel("Confidence", "confidence", (G_CONF, D_CONF))
+NOISE_PANEL = Panel(
+    "Gradient noise ratio",
+    "1 − ‖EMA(g)‖² / EMA(‖g‖²)",
+    (Series("grad_noise_g", "G", "tab:blue"), Series("grad_noise_d", "D", "tab:red", "--")),
+    ylim=(0, 1.02),
+)
+
+
+def measure_panel(title: str, ylabel: str, column: str, color: str, **options) -> Panel:
+    """A sample-quality measure of G (solid) and of its moving average (dashed, --g-ema)."""
+    series = (Series(column, "G", color), Series(f"{column}_ema", "G moving average", color, "--"))
+    return Panel(title, ylabel, series, source="quality", **options)
+
+
+# The DCGAN's sample-quality measures (train_dcgan.SAMPLE_COLUMNS), over steps.
+DCGAN_MEASURE_PANELS = (
+    measure_panel("KID", "KID (feature space of config.json)", "kid", "tab:red"),
+    measure_panel("FID", "FID (feature space of config.json)", "fid", "tab:purple", log_y=True),
+    measure_panel(
+        "Precision", "share of samples on the real manifold", "precision", "tab:green", ylim=(0, 1.02)
+    ),
+    measure_panel("Recall", "share of real data the samples cover", "recall", "tab:blue", ylim=(0, 1.02)),
+    measure_panel(
+        "Coverage", "share of real neighbourhoods with a sample", "coverage", "tab:cyan", ylim=(0, 1.02)
+    ),
+    measure_panel("Modes covered", "classes (of 36 on shapes)", "modes_covered", "tab:orange"),
+)
+TOY_MEASURE_PANELS = tuple(
+    Panel(title, "share", (Series(column, title, color),), "epoch", ylim=(0, 1.02), source="quality")
+    for title, column, color in (("Precision", "precision", "tab:green"), ("Recall", "recall", "tab:blue"))
+)
 
 QUALITY_PANELS = {
     "toy2d": (
@@ -444,6 +477,7 @@ QUALITY_PANELS = {
             (Series("on_support", "on support", "tab:green"),),
             "epoch",
             ylim=(0, 1.02),
+            source="quality",
         ),
         Panel(
             "Mode shares",
@@ -455,27 +489,42 @@ QUALITY_PANELS = {
             "epoch",
             ylim=(0, 1.02),
             guides=(0.5,),
+            source="quality",
         ),
-        Panel("MMD to real data", "MMD", (Series("mmd", "MMD", "tab:red"),), "epoch", log_y=True),
         Panel(
-            "Sliced Wasserstein distance", "SWD", (Series("swd", "SWD", "tab:purple"),), "epoch", log_y=True
+            "MMD to real data",
+            "MMD",
+            (Series("mmd", "MMD", "tab:red"),),
+            "epoch",
+            log_y=True,
+            source="quality",
         ),
+        Panel(
+            "Sliced Wasserstein distance",
+            "SWD",
+            (Series("swd", "SWD", "tab:purple"),),
+            "epoch",
+            log_y=True,
+            source="quality",
+        ),
+        *TOY_MEASURE_PANELS,
     ),
     "dcgan": (
         Panel(
             "Sample diversity",
             "diversity ratio (generated / real)",
             (Series("diversity_ratio", "diversity ratio", "tab:green"),),
-            "epoch",
             guides=(1.0,),
+            source="quality",
         ),
         Panel(
-            "Steps dominated by D",
+            "Steps D won outright",
             "share of steps",
             (Series("d_dominated_share", "D-dominated share", "tab:red"),),
-            "epoch",
             ylim=(0, 1.02),
+            source="quality",
         ),
+        *DCGAN_MEASURE_PANELS,
     ),
 }
 
@@ -490,7 +539,7 @@ def plot_run(run: Run, out_dir: Path, smooth: float) -> None:
     title = f"{run.name}: {run.config}, seed {run.seed}"
     draw_figure(out_dir / "loss_plot.png", f"Losses, {title}", [LOSS_PANEL], draw)
     draw_figure(out_dir / "score_plot.png", f"Discriminator scores, {title}", [SCORE_PANEL], draw)
-    draw_figure(out_dir / "grad_norm_plot.png", f"Gradient norms, {title}", [GRAD_PANEL], draw)
+    draw_figure(out_dir / "grad_norm_plot.png", f"Gradient norms, {title}", [GRAD_PANEL, NOISE_PANEL], draw)
     adam_note = f"no CASMO network in this run (G: {run.args.get('g_opt')}, D: {run.args.get('d_opt')})"
     optimizer_panels = [replace(panel, empty_note=adam_note) for panel in (AGAR_PANEL, CONF_PANEL)]
     draw_figure(out_dir / "optimizer_plot.png", f"CASMO statistics, {title}", optimizer_panels, draw)
@@ -505,7 +554,7 @@ def draw_figure(path: Path, title: str, panels: list[Panel], draw) -> None:
     data of a panel and returns whether there was any."""
     ncols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
-    figsize = (7, 4) if len(panels) == 1 else (10, 4.2) if nrows == 1 else (10, 7.5)
+    figsize = (7, 4) if len(panels) == 1 else (10, 4.2) if nrows == 1 else (10, 3.7 * nrows)
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained")
     for ax, panel in zip(axes.flat, panels):
         decorate(ax, panel if len(panels) > 1 else replace(panel, title=title), drew=draw(ax, panel))
@@ -564,8 +613,8 @@ def unique_legend_entries(axes) -> list[tuple]:
 
 
 def draw_run_panel(ax, run: Run, panel: Panel, tau: float) -> bool:
-    """Each series raw (faint) and smoothed (bold); quality panels (per epoch) with markers."""
-    table = run.log if panel.xlabel == "step" else run.quality
+    """Each series raw (faint) and smoothed (bold); quality panels (per evaluation) with markers."""
+    table = run.log if panel.source == "log" else run.quality
     x = table[panel.xlabel]
     drew = False
     for series in panel.series:
@@ -574,8 +623,9 @@ def draw_run_panel(ax, run: Run, panel: Panel, tau: float) -> bool:
         if not finite.any():
             continue
         drew = True
-        if panel.xlabel != "step":
-            ax.plot(x[finite], values[finite], "o-", color=series.color, label=series.label, markersize=3)
+        if panel.source == "quality":
+            style = dict(color=series.color, linestyle=series.linestyle, label=series.label, markersize=3)
+            ax.plot(x[finite], values[finite], marker="o", **style)
             continue
         ax.plot(x[finite], values[finite], color=series.color, alpha=0.25, linewidth=0.7)
         ax.plot(
@@ -644,7 +694,7 @@ def moving_average(steps: np.ndarray, values: np.ndarray, tau: float) -> np.ndar
 
 
 def plot_comparisons(runs: list[Run], out: Path, prefix: str, smooth: float) -> list[Path]:
-    """The four comparison figures of one set of runs (one script, one dataset)."""
+    """The comparison figures of one set of runs (one script, one dataset)."""
     tau = smoothing_time([run.steps for run in runs], smooth)
     groups = by_config(runs)
     what = set_label(runs[0])
@@ -684,6 +734,8 @@ def plot_comparisons(runs: list[Run], out: Path, prefix: str, smooth: float) -> 
             ],
         ),
     }
+    if runs[0].kind in QUALITY_PANELS and any(run.quality is not None for run in runs):
+        figures["compare_quality.png"] = ("Sample quality", list(QUALITY_PANELS[runs[0].kind]))
     written = []
     for filename, (title, panels) in figures.items():
         path = out / f"{prefix}{filename}"
@@ -698,9 +750,7 @@ def draw_compare_panel(ax, groups: dict[str, list[Run]], panel: Panel, tau: floa
     drew = False
     for config, seeds in groups.items():
         for series in panel.series:
-            curves = [
-                (run.steps, smoothed(run.steps, run.log[series.column], tau, panel.log_y)) for run in seeds
-            ]
+            curves = [series_curve(run, panel, series, tau) for run in seeds]
             label = f"{config} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
             drew |= draw_mean_with_band(
                 ax, curves, config_color(config), series.linestyle, label, panel.log_y
@@ -715,6 +765,14 @@ def draw_compare_panel(ax, groups: dict[str, list[Run]], panel: Panel, tau: floa
                 label=f"{series.label}: {linestyle_name(series.linestyle)}",
             )
     return drew
+
+
+def series_curve(run: Run, panel: Panel, series: Series, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a series in one run: a log column smoothed, a quality column as evaluated."""
+    if panel.source == "quality":
+        table = run.quality if run.quality is not None else Columns({}, 0)
+        return table[panel.xlabel], table[series.column]
+    return run.steps, smoothed(run.steps, run.log[series.column], tau, panel.log_y)
 
 
 def linestyle_name(linestyle: str) -> str:
@@ -750,9 +808,10 @@ def draw_mean_with_band(
 
 LOSS_STATISTICS = ("initial", "final", "min", "max", "mean", "std")
 VERDICTS = ("d_collapsed", "d_stuck_high", "stabilised", "g_trend", "wild_oscillation", "ever_covered")
+DCGAN_MEASURES = ("kid", "fid", "precision", "recall", "density", "coverage", "modes_covered", "mode_kl")
 QUALITY_COLUMNS = {
-    "toy2d": ("on_support", "left_share", "mmd"),
-    "dcgan": ("diversity_ratio",),
+    "toy2d": ("on_support", "left_share", "mmd", "precision", "recall", "density", "coverage"),
+    "dcgan": ("diversity_ratio", *DCGAN_MEASURES, *(f"{name}_ema" for name in DCGAN_MEASURES)),
 }
 
 
@@ -943,7 +1002,15 @@ def aggregate(summaries: list[dict[str, object]]) -> dict[str, object]:
             finite = numbers[np.isfinite(numbers)]
             combined[key] = float(finite.mean()) if len(finite) else math.nan
             combined[f"{key}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
+            combined[f"{key}_ci95"] = t_interval_half_width(finite)
     return combined
+
+
+def t_interval_half_width(values: np.ndarray) -> float:
+    """Half the width of the 95% t-interval of the mean over seeds (NaN for one seed)."""
+    if len(values) < 2:
+        return math.nan
+    return float(scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def write_summary_csv(rows: list[dict[str, object]], path: Path) -> None:
@@ -987,6 +1054,12 @@ MD_QUALITY_COLUMNS = {
     "dcgan": [("diversity ratio", "diversity_ratio_final")],
 }
 MD_SPEED_COLUMNS = [("steps/s (median)", "steps_per_sec_median")]
+# The k-NN and feature-space measures at the last evaluation, with 95% intervals over seeds.
+MD_MEASURE_COLUMNS = {
+    "toy2d": [(name, f"{name}_final") for name in ("precision", "recall", "density", "coverage")],
+    "dcgan": [(name.replace("_", " "), f"{name}_final") for name in DCGAN_MEASURES]
+    + [(f"{name.replace('_', ' ')} (EMA G)", f"{name}_ema_final") for name in DCGAN_MEASURES],
+}
 
 
 def write_summary_md(rows: list[dict[str, object]], sets: dict[str, list[Run]], path: Path) -> None:
@@ -1001,15 +1074,27 @@ def write_summary_md(rows: list[dict[str, object]], sets: dict[str, list[Run]], 
             set_rows, MD_CHECK_COLUMNS + MD_QUALITY_COLUMNS.get(runs[0].kind, []) + MD_SPEED_COLUMNS
         )
         lines += ["", CHECKS_CAPTION, ""]
+        measures = [
+            column for column in MD_MEASURE_COLUMNS.get(runs[0].kind, []) if has_values(set_rows, column[1])
+        ]
+        if measures:
+            lines += [f"### {what}: sample quality at the last evaluation", ""]
+            lines += markdown_table(set_rows, measures, cell=interval_cell) + ["", MEASURES_CAPTION, ""]
     path.write_text("\n".join(lines))
 
 
-def markdown_table(rows: list[dict[str, object]], columns: list[tuple[str, str]]) -> list[str]:
+def has_values(rows: list[dict[str, object]], key: str) -> bool:
+    return any(isinstance(row.get(key), float) and math.isfinite(row[key]) for row in rows)
+
+
+def markdown_table(rows: list[dict[str, object]], columns: list[tuple[str, str]], cell=None) -> list[str]:
+    """Rows as a Markdown table; `cell(row, key)` writes a cell (default: mean ± std)."""
+    cell = cell or markdown_cell
     header = ["configuration / run", "seeds"] + [title for title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         name = f"**{row['name']}**" if row["scope"] == "configuration" else row["name"]
-        cells = [name, str(row["seeds"])] + [markdown_cell(row, key) for _, key in columns]
+        cells = [name, str(row["seeds"])] + [cell(row, key) for _, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -1020,6 +1105,14 @@ def markdown_cell(row: dict[str, object], key: str) -> str:
         return str(value)
     std = row.get(f"{key}_std", math.nan)
     return number(value) + (f" ± {number(std)}" if math.isfinite(std) else "")
+
+
+def interval_cell(row: dict[str, object], key: str) -> str:
+    """The mean and its 95% t-interval over seeds, "0.412 [0.371, 0.453]"."""
+    value, half = row.get(key, math.nan), row.get(f"{key}_ci95", math.nan)
+    if not isinstance(value, float) or not math.isfinite(half):
+        return markdown_cell(row, key)
+    return f"{number(value)} [{number(value - half)}, {number(value + half)}]"
 
 
 def number(value: float) -> str:
@@ -1033,6 +1126,15 @@ LOSS_CAPTION = (
     f"Losses as logged (one value per logged step). *initial* / *final*: mean of the first / last "
     f"{EDGE_FRACTION:.0%} of logged steps; *min*, *max*, *mean*, *std*: over all logged steps. "
     "Bold rows: a configuration, mean ± sample std over its seeds; the other rows are single runs."
+)
+MEASURES_CAPTION = (
+    "The last evaluation in quality.csv. Bold rows: the mean over seeds and, in brackets, its 95% "
+    "t-interval (scipy.stats.t, n − 1 degrees of freedom); the other rows are single runs. DCGAN: KID "
+    "and FID in the feature space config.json names (shapes-cnn: the shapes classifier's, not comparable "
+    "with Inception FIDs), k-NN precision, recall, density and coverage (k = 3) in the same space, and "
+    "on shapes the classes with at least 5 confidently classified samples (modes covered) and the KL "
+    "divergence of the generated class histogram from the real one (mode KL); EMA G: the generator's "
+    "moving average (--g-ema)."
 )
 CHECKS_CAPTION = "\n".join(
     [

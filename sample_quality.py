@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from gan_common import save_checkpoint
+
 # torchmetrics and torch-fidelity are imported where they are used: importing them takes
 # seconds, which a training script's --help or a run without evaluation need not wait for.
 
@@ -171,14 +173,6 @@ def embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return torch.cat(features), (torch.cat(logits) if logits[0] is not None else None)
 
 
-def save_whole(content: dict, path: Path) -> None:
-    """torch.save through a staging file, so an interrupted save leaves no half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".partial")
-    torch.save(content, staging)
-    staging.replace(path)
-
-
 @dataclass
 class FeatureSpace:
     """A network from uint8 images (N, 3, 64, 64) to features; a classifier (forward giving
@@ -212,7 +206,9 @@ def shapes_feature_space(cache_dir: str | Path, seed: int = 0) -> FeatureSpace:
         start = time.perf_counter()
         model, accuracy = train_shapes_classifier(seed)
         seconds = time.perf_counter() - start
-        save_whole({"state_dict": model.state_dict(), "accuracy": accuracy, "train_seconds": seconds}, path)
+        save_checkpoint(
+            path, {"state_dict": model.state_dict(), "accuracy": accuracy, "train_seconds": seconds}
+        )
         tqdm.write(
             f"shapes classifier: held-out accuracy {accuracy:.2%}, {seconds:.0f} s to train, saved to {path}"
         )
@@ -308,17 +304,18 @@ def reference_features(
     counts = None if logits is None else torch.bincount(logits.argmax(dim=1), minlength=space.modes_total)
     reference = Reference(features, counts, space.name)
     if cache_path is not None:
-        save_whole(
-            {"features": features, "class_counts": counts, "feature_space": space.name}, Path(cache_path)
+        save_checkpoint(
+            Path(cache_path), {"features": features, "class_counts": counts, "feature_space": space.name}
         )
     return reference
 
 
 def reference_cache_path(
-    data_root: str | Path, dataset: str, count: int, seed: int, space: FeatureSpace
+    data_root: str | Path, dataset: str, subset: int, seed: int, count: int, space: FeatureSpace
 ) -> Path:
-    """Where a dataset's real features are cached: next to its decoded images in DATA_ROOT/cache."""
-    return Path(data_root) / "cache" / f"features-{dataset}-{count}-s{seed}-{space.name}.pt"
+    """Where the features of `count` images of a dataset's subset are cached: next to its
+    decoded images in DATA_ROOT/cache."""
+    return Path(data_root) / "cache" / f"features-{dataset}-{subset}-s{seed}-n{count}-{space.name}.pt"
 
 
 def read_reference_cache(cache_path: str | Path | None, space: FeatureSpace, count: int) -> Reference | None:
@@ -385,14 +382,19 @@ def frechet_and_kernel_distances(real: torch.Tensor, fake: torch.Tensor, seed: i
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
+    # sync_on_compute=False: under torchrun only rank 0 evaluates, and torchmetrics would
+    # otherwise wait in an all-gather for the other ranks.
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), sync_on_compute=False)
     fid.update(real, real=True)
     fid.update(fake, real=False)
     subset_size = min(KID_SUBSET_SIZE, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(
-            feature=PrecomputedFeatures(real.shape[1]), subsets=KID_SUBSETS, subset_size=subset_size
+            feature=PrecomputedFeatures(real.shape[1]),
+            subsets=KID_SUBSETS,
+            subset_size=subset_size,
+            sync_on_compute=False,
         )
     kid.update(real, real=True)
     kid.update(fake, real=False)

@@ -37,7 +37,9 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 import gan_common
+import sample_quality
 from gan_common import RunError, positive_int
+from sample_quality import SampleQualityError
 
 SCRIPT = "train_dcgan.py"
 DATASETS = ("tinyimagenet", "folder", "cifar10", "mnist", "fashion-mnist", "shapes")
@@ -57,13 +59,28 @@ STABILISER_HINT = (
     "--real-label-range 0.7 1.0 or --d-dropout 0.3"
 )
 # Arguments a resumed run may change; the others must equal the run's own (config.json).
-RESUME_MAY_CHANGE = {"epochs", "max_steps", "device", "log_every", "sample_every", "workers"}
+RESUME_MAY_CHANGE = {
+    "epochs", "max_steps", "device", "log_every", "sample_every", "workers", "eval_every",
+    "inception_weights",
+}  # fmt: skip
 # Arguments that define the training trajectory; a checkpoint must match them all.
 TRAJECTORY_ARGS = (
     "dataset", "subset", "bs", "g_opt", "d_opt", "lr_g", "lr_d", "beta1", "beta2", "robustness", "c_min",
     "rel_floor", "amp", "seed", "label_smooth", "real_label_range", "fake_label_range", "instance_noise",
-    "d_every", "d_dropout",
+    "d_every", "d_dropout", "g_ema",
 )  # fmt: skip
+# Sample quality (sample_quality.evaluate) of G and, with --g-ema, of its moving average.
+SAMPLE_COLUMNS = [
+    "kid",
+    "kid_std",
+    "fid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "modes_covered",
+    "mode_kl",
+]
 QUALITY_COLUMNS = [
     "epoch",
     "step",
@@ -73,7 +90,17 @@ QUALITY_COLUMNS = [
     "d_g_z_mean",
     "diversity_ratio",
     "d_dominated_share",
+    *SAMPLE_COLUMNS,
+    "diversity_ratio_ema",
+    *(f"{column}_ema" for column in SAMPLE_COLUMNS),
+    "eval_seconds",
 ]
+EVAL_BATCH = 250  # generated images per forward pass at an evaluation
+# What the console shows of a quality.csv row.
+QUALITY_SHOWN = (
+    "loss_d_mean", "loss_g_mean", "diversity_ratio", "kid", "fid", "precision", "recall", "coverage",
+    "modes_covered", "kid_ema", "fid_ema", "eval_seconds",
+)  # fmt: skip
 LOG_EXTRA_COLUMNS = ["d_g_z_after_d", "steps_per_sec"]
 
 
@@ -126,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stabilisers.add_argument("--d-every", type=positive_int, default=1, help="train D every N steps")
     stabilisers.add_argument("--d-dropout", type=float, default=0.0, metavar="P", help="dropout in D")
+    add_evaluation_args(parser)
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out", default=None, help="run folder (default runs/dcgan-<dataset>-<g>_<d>-s<seed>)"
@@ -136,11 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    evaluation = parser.add_argument_group("evaluation (sample quality, in quality.csv)")
+    evaluation.add_argument(
+        "--eval-every", type=positive_int, default=None, metavar="STEPS", help="default: at each epoch's end"
+    )
+    evaluation.add_argument(
+        "--eval-samples", type=positive_int, default=2000, help="generated (and real) images"
+    )
+    evaluation.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="a local copy of torch-fidelity's Inception weights",
+    )
+    evaluation.add_argument("--no-fid", action="store_true", help="skip KID/FID/precision/recall/modes")
+    evaluation.add_argument(
+        "--g-ema", type=float, default=None, metavar="DECAY", help="also keep and evaluate G's moving average"
+    )
+    evaluation.add_argument(
+        "--score-images",
+        default=None,
+        metavar="DIR",
+        help="score a folder of 64x64 images against --dataset; exit",
+    )
+
+
 def check_args(args: argparse.Namespace, device: torch.device) -> None:
     if args.amp != "off" and device.type != "cuda":
         raise RunError(f"--amp {args.amp} needs a CUDA device; leave --amp off on {device}")
     if not 0.0 <= args.d_dropout < 1.0:
         raise RunError(f"--d-dropout must lie in [0, 1), got {args.d_dropout}")
+    if args.g_ema is not None and not 0.0 < args.g_ema < 1.0:
+        raise RunError(f"--g-ema is a decay in (0, 1), e.g. 0.999; got {args.g_ema}")
     if args.instance_noise < 0:
         raise RunError(f"--instance-noise must be >= 0, got {args.instance_noise}")
     for option, bounds in (
@@ -562,6 +618,10 @@ class Run:
     diversity_noise: torch.Tensor
     real_reference: torch.Tensor
     data_order: torch.Generator  # shuffles each epoch; its state is checkpointed
+    eval_noise: torch.Tensor  # --eval-samples latent vectors, the same at every evaluation
+    # The feature space and the real set's features: on rank 0, without --no-fid.
+    feature_space: sample_quality.FeatureSpace | None = None
+    reference: sample_quality.Reference | None = None
 
     @property
     def global_batch(self) -> int:
@@ -581,6 +641,8 @@ class Run:
 @dataclass
 class Nets(gan_common.Nets):
     scaler: torch.amp.GradScaler | None = None
+    g_ema: torch.optim.swa_utils.AveragedModel | None = None  # with --g-ema
+    NAMES = (*gan_common.Nets.NAMES, "scaler", "g_ema")
     # Training runs through DDP's wrappers under torchrun; checkpoints and grids use the
     # modules inside (no "module." prefix).
     g_net: nn.Module | None = None
@@ -600,14 +662,15 @@ class Counters:
 
 
 @dataclass
-class EpochSums:
-    """This rank's sums over the epoch's steps, kept on the device (no host sync per step)."""
+class IntervalSums:
+    """This rank's sums over the steps since the last quality.csv row, kept on the device
+    (no host sync per step)."""
 
-    values: torch.Tensor  # loss_d, loss_g, d_x, d_g_z, dominated, D steps
-    NAMES = ("loss_d", "loss_g", "d_x", "d_g_z", "dominated", "d_steps")
+    values: torch.Tensor  # loss_d, loss_g, d_x, d_g_z, dominated, D steps, G steps
+    NAMES = ("loss_d", "loss_g", "d_x", "d_g_z", "dominated", "d_steps", "g_steps")
 
     @classmethod
-    def zeros(cls, device: torch.device) -> EpochSums:
+    def zeros(cls, device: torch.device) -> IntervalSums:
         return cls(torch.zeros(len(cls.NAMES), device=device))
 
     def add(self, result: StepResult) -> None:
@@ -620,15 +683,15 @@ class EpochSums:
                 torch.ones_like(result.d_x),
             ]
             self.values[[0, 2, 3, 4, 5]] += torch.stack(d_part)
-        self.values[1] += result.loss_g
+        self.values[[1, 6]] += torch.stack([result.loss_g, torch.ones_like(result.loss_g)])
 
-    def means(self, ranks: Ranks, steps: int) -> dict[str, float]:
-        """The epoch's means over all ranks: D's over the steps D learned, G's over all."""
+    def means(self, ranks: Ranks) -> dict[str, float]:
+        """The means over all ranks: D's over the steps D learned, G's over all."""
         total = dict(zip(self.NAMES, ranks.sum(self.values).tolist()))
         d_steps = max(total["d_steps"], 1.0)
         return {
             "loss_d_mean": total["loss_d"] / d_steps,
-            "loss_g_mean": total["loss_g"] / (steps * ranks.world_size),
+            "loss_g_mean": total["loss_g"] / max(total["g_steps"], 1.0),
             "d_x_mean": total["d_x"] / d_steps,
             "d_g_z_mean": total["d_g_z"] / d_steps,
             "d_dominated_share": total["dominated"] / d_steps,
@@ -660,6 +723,7 @@ class Logs:
     last_time: float
     last_step: int
     dominated_streak: int = 0
+    last_row_step: int = -1  # step of this session's latest quality.csv row
 
     def write(self, name: str, row: dict) -> None:
         target = getattr(self, name)
@@ -697,10 +761,27 @@ def prepare_run(args: argparse.Namespace, ranks: Ranks, run_dir: Path) -> Run:
     reference = images[torch.randperm(len(images), generator=fixed)[:DIVERSITY_SAMPLES].to(ranks.device)]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     data_order = torch.Generator().manual_seed(args.seed)
-    return Run(
+    eval_noise = torch.randn(args.eval_samples, NZ, 1, 1, generator=fixed).to(ranks.device)
+    run = Run(
         args, ranks, run_dir, images, steps_per_epoch, amp_dtype, grid_noise, diversity_noise,
-        to_unit(reference), data_order,
+        to_unit(reference), data_order, eval_noise,
     )  # fmt: skip
+    if ranks.is_main and not args.no_fid:
+        run.feature_space, run.reference = quality_reference(args, images.cpu(), ranks.device)
+    return run
+
+
+def quality_reference(args: argparse.Namespace, images: torch.Tensor, device: torch.device) -> tuple:
+    """The dataset's feature space and the features of --eval-samples of its images (a
+    seeded draw, cached beside the data). Fails before any training when the feature space
+    cannot be had (e.g. Inception weights offline)."""
+    space = sample_quality.feature_space_for(args.dataset, args.data_root, args.inception_weights).to(device)
+    count = min(args.eval_samples, len(images))
+    real = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + 3))[:count]]
+    cache = sample_quality.reference_cache_path(
+        args.data_root, args.dataset, args.subset, args.seed, count, space
+    )
+    return space, sample_quality.reference_features(real, space, cache)
 
 
 def build_nets(args: argparse.Namespace, ranks: Ranks) -> Nets:
@@ -719,7 +800,14 @@ def build_nets(args: argparse.Namespace, ranks: Ranks) -> Nets:
     opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
     # bf16 keeps fp32's range; only fp16 needs its losses scaled.
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    return Nets(generator, discriminator, opt_g, opt_d, scaler)
+    nets = Nets(generator, discriminator, opt_g, opt_d, scaler=scaler)
+    if args.g_ema is not None:
+        ema = torch.optim.swa_utils.get_ema_multi_avg_fn(args.g_ema)
+        nets.g_ema = torch.optim.swa_utils.AveragedModel(generator, multi_avg_fn=ema, use_buffers=True)
+    if args.amp != "fp16":  # under fp16 the scaler's skipped steps leave infinite gradients
+        nets.noise_g = gan_common.GradientNoise(generator.parameters())
+        nets.noise_d = gan_common.GradientNoise(discriminator.parameters())
+    return nets
 
 
 def wrap_for_ddp(nets: Nets, ranks: Ranks) -> None:
@@ -740,21 +828,20 @@ def trajectory(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in TRAJECTORY_ARGS}
 
 
-def resume(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
+def resume(run: Run, nets: Nets, counters: Counters, sums: IntervalSums) -> None:
     """Loads the checkpoint into the nets, counters, sums and RNG streams."""
     path = run.run_dir / "checkpoint.pt"
     checkpoint = gan_common.load_checkpoint(path)
     if checkpoint.get("kind") != "dcgan" or checkpoint.get("trajectory_args") != trajectory(run.args):
         raise RunError(f"{path} is not a checkpoint of the run in {run.run_dir / 'config.json'}")
     nets.load_state_dicts(checkpoint, path)
-    nets.scaler.load_state_dict(checkpoint["scaler"])
     counters.step, counters.epoch = checkpoint["step"], checkpoint["epoch"]
     counters.batch_in_epoch, counters.d_figures = checkpoint["batch_in_epoch"], checkpoint["d_figures"]
     run.data_order.set_state(checkpoint["data_order_state"])
     ranks = run.ranks
     if checkpoint["world_size"] == ranks.world_size:
         if ranks.is_main:  # the other ranks' share of the sums is in rank 0's
-            sums.values.copy_(checkpoint["epoch_sums"])
+            sums.values.copy_(checkpoint["interval_sums"])
         gan_common.set_rng_state(checkpoint["rng_by_rank"][ranks.rank])
         return
     # Another world size slices each epoch's shuffle differently, so a half-done epoch cannot
@@ -775,13 +862,16 @@ def resume(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
     gan_common.seed_everything(hash((run.args.seed, ranks.rank, counters.step)) % 2**32)
 
 
-def start_or_resume(run: Run, nets: Nets) -> tuple[Counters, EpochSums]:
-    counters, sums = Counters(), EpochSums.zeros(run.ranks.device)
+def start_or_resume(run: Run, nets: Nets) -> tuple[Counters, IntervalSums]:
+    counters, sums = Counters(), IntervalSums.zeros(run.ranks.device)
     if run.args.resume is not None:
         resume(run, nets, counters, sums)
-    elif run.ranks.is_main:
+    if run.ranks.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        space = run.feature_space
         facts = {"world_size": run.ranks.world_size, "global_batch": run.global_batch}
+        facts["feature_space"] = None if space is None else space.name
+        facts["feature_space_accuracy"] = None if space is None else space.classifier_accuracy
         gan_common.write_config(run.run_dir, SCRIPT, run.args, run.ranks.device, **facts)
     # The epochs left at this world size; with one world size throughout, this is
     # --epochs x steps per epoch.
@@ -802,7 +892,7 @@ def open_logs(run: Run, step: int) -> Logs:
     return Logs(log, quality, time.perf_counter(), step)
 
 
-def save(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
+def save(run: Run, nets: Nets, counters: Counters, sums: IntervalSums) -> None:
     """Every rank takes part (the sums and the RNG states are gathered); rank 0 writes."""
     sums_over_ranks = run.ranks.sum(sums.values).cpu()
     rng_by_rank = run.ranks.gather(gan_common.rng_state())
@@ -815,14 +905,13 @@ def save(run: Run, nets: Nets, counters: Counters, sums: EpochSums) -> None:
         "kind": "dcgan",
         "trajectory_args": trajectory(run.args),
         **nets.state_dicts(),
-        "scaler": nets.scaler.state_dict(),
         "rng_by_rank": rng_by_rank,
         "world_size": run.ranks.world_size,
         "data_order_state": order_state,
         "step": counters.step,
         "epoch": counters.epoch,
         "batch_in_epoch": counters.batch_in_epoch,
-        "epoch_sums": sums_over_ranks,
+        "interval_sums": sums_over_ranks,
         "d_figures": counters.d_figures,
     }
     gan_common.save_checkpoint(run.run_dir / "checkpoint.pt", payload)
@@ -884,6 +973,8 @@ def train_step(run: Run, nets: Nets, real: torch.Tensor, counters: Counters, log
             scaler.unscale_(nets.opt_d)
             grad_norm_d = gan_common.grad_norm(nets.discriminator.parameters())
         scaler.step(nets.opt_d)
+        if nets.noise_d is not None:
+            nets.noise_d.update()
     elif logged:
         with scoring_only(nets.discriminator, device):
             scores = d_loss(run, nets.d_net, real, fake.detach(), counters)
@@ -903,6 +994,10 @@ def train_step(run: Run, nets: Nets, real: torch.Tensor, counters: Counters, log
         grad_norm_g = gan_common.grad_norm(nets.generator.parameters())
     scaler.step(nets.opt_g)
     scaler.update()
+    if nets.noise_g is not None:
+        nets.noise_g.update()
+    if nets.g_ema is not None:
+        nets.g_ema.update_parameters(nets.generator)
 
     d_g_z_after_d = torch.sigmoid(logits_g.detach().float()).mean()
     result = StepResult(trained_d, loss_g.detach().float(), d_g_z_after_d, grad_norm_d=grad_norm_d)
@@ -929,6 +1024,9 @@ def log_step(run: Run, nets: Nets, counters: Counters, result: StepResult, logs:
     row = {"step": counters.step, "epoch": counters.epoch + 1, "loss_d": loss_d, "loss_g": loss_g}
     row.update(d_x=d_x, d_g_z=d_g_z, agar_g=agar_g, conf_g=conf_g, grad_norm_g=result.grad_norm_g)
     row.update(counters.d_figures, d_g_z_after_d=d_g_z_after_d)
+    for name in ("noise_g", "noise_d"):
+        noise = getattr(nets, name)
+        row[f"grad_{name}"] = None if noise is None else noise.ratio()
     row["steps_per_sec"] = (counters.step - logs.last_step) / (now - logs.last_time)
     logs.write("log", row)
     logs.last_time, logs.last_step = now, counters.step
@@ -957,6 +1055,14 @@ def write_grid(run: Run, nets: Nets, name: str) -> None:
         grid = nets.generator(run.grid_noise).float()
     if run.ranks.is_main:
         save_image(grid, run.run_dir / "samples" / name, nrow=8, normalize=True, value_range=(-1, 1))
+    if nets.g_ema is not None:
+        with scoring_only(nets.g_ema.module, run.ranks.device), run.autocast():
+            grid = nets.g_ema.module(run.grid_noise).float()
+        if run.ranks.is_main:
+            (run.run_dir / "samples" / "ema").mkdir(exist_ok=True)
+            save_image(
+                grid, run.run_dir / "samples" / "ema" / name, nrow=8, normalize=True, value_range=(-1, 1)
+            )
 
 
 @torch.no_grad()
@@ -973,22 +1079,56 @@ def measure_diversity(run: Run, nets: Nets, step: int) -> float:
     return ratio
 
 
-def end_epoch(run: Run, nets: Nets, counters: Counters, sums: EpochSums, logs: Logs) -> None:
-    """quality.csv's row, the epoch's grid and a checkpoint."""
-    counters.epoch += 1
-    counters.batch_in_epoch = 0
-    quality = {"epoch": counters.epoch, "step": counters.step, **sums.means(run.ranks, run.steps_per_epoch)}
-    quality["diversity_ratio"] = measure_diversity(run, nets, counters.step)
-    logs.write("quality", quality)
-    summary = " ".join(f"{key} {value:.4f}" for key, value in quality.items() if key not in ("epoch", "step"))
+@torch.no_grad()
+def sample_metrics(run: Run, generator: nn.Module, suffix: str = "") -> dict:
+    """sample_quality's measures of --eval-samples images of `generator` (rank 0, without
+    --no-fid), named with `suffix`. Every rank generates (SyncBatchNorm's forward is a
+    collective); generating changes nothing in the training (scoring_only)."""
+    images = []
+    with scoring_only(generator, run.ranks.device):
+        for noise in run.eval_noise.split(EVAL_BATCH):
+            with run.autocast():
+                images.append(sample_quality.from_tanh(generator(noise).float()))
+    if run.reference is None:
+        return {}
+    metrics = sample_quality.evaluate(torch.cat(images), run.reference, run.feature_space)
+    return {f"{name}{suffix}": metrics[name] for name in SAMPLE_COLUMNS if name in metrics}
+
+
+def evaluate(run: Run, nets: Nets, counters: Counters, sums: IntervalSums, logs: Logs) -> None:
+    """quality.csv's row: the means over the steps since the last row, the diversity ratio
+    and the sample-quality measures, of G and of its moving average (--g-ema)."""
+    start = time.perf_counter()
+    row = {"epoch": counters.epoch, "step": counters.step, **sums.means(run.ranks)}
+    row["diversity_ratio"] = measure_diversity(run, nets, counters.step)
+    row.update(sample_metrics(run, nets.generator))
+    if nets.g_ema is not None:
+        ema = nets.g_ema.module
+        with scoring_only(ema, run.ranks.device), run.autocast():
+            generated = ema(run.diversity_noise[: len(run.real_reference)]).float()
+        row["diversity_ratio_ema"] = diversity_ratio(generated, run.real_reference)
+        row.update(sample_metrics(run, ema, "_ema"))
+    row["eval_seconds"] = time.perf_counter() - start
+    logs.write("quality", row)
+    logs.last_row_step = counters.step
+    shown = [key for key in QUALITY_SHOWN if key in row]
+    summary = " ".join(f"{key} {row[key]:.4g}" for key in shown)
     run.ranks.say(f"epoch {counters.epoch}/{run.args.epochs} step {counters.step}: {summary}")
     sums.values.zero_()
+
+
+def end_epoch(run: Run, nets: Nets, counters: Counters, sums: IntervalSums, logs: Logs) -> None:
+    """quality.csv's row (without --eval-every), the epoch's grid and a checkpoint."""
+    counters.epoch += 1
+    counters.batch_in_epoch = 0
+    if run.args.eval_every is None:
+        evaluate(run, nets, counters, sums, logs)
     write_grid(run, nets, f"epoch_{counters.epoch:03d}.png")
     save(run, nets, counters, sums)
 
 
 def train_epochs(
-    run: Run, nets: Nets, counters: Counters, sums: EpochSums, stop: gan_common.StopSignal
+    run: Run, nets: Nets, counters: Counters, sums: IntervalSums, stop: gan_common.StopSignal
 ) -> None:
     """Steps until --epochs, --max-steps or a signal; an epoch's end writes its row, grid
     and checkpoint."""
@@ -1016,17 +1156,28 @@ def train_epochs(
             bar.update()
             if logged:
                 log_step(run, nets, counters, result, logs, bar)
-            epoch_done = counters.batch_in_epoch == run.steps_per_epoch
-            if args.sample_every is not None and counters.step % args.sample_every == 0 and not epoch_done:
-                write_grid(run, nets, f"step_{counters.step:06d}.png")
-                measure_diversity(run, nets, counters.step)
+            after_step(run, nets, counters, sums, logs)
             if ranks.agreed_stop(stop.signum):
                 break
         if counters.batch_in_epoch < run.steps_per_epoch:
             break  # stopped mid-epoch: --max-steps or a signal
         end_epoch(run, nets, counters, sums, logs)
+    finished = counters.step == counters.total_steps and not ranks.agreed_stop(stop.signum)
+    if finished and logs.last_row_step != counters.step:
+        evaluate(run, nets, counters, sums, logs)  # the run's final state always gets a row
     bar.close()
     logs.close()
+
+
+def after_step(run: Run, nets: Nets, counters: Counters, sums: IntervalSums, logs: Logs) -> None:
+    """The grid of --sample-every and the evaluation of --eval-every, when due."""
+    args, step = run.args, counters.step
+    epoch_done = counters.batch_in_epoch == run.steps_per_epoch
+    if args.sample_every is not None and step % args.sample_every == 0 and not epoch_done:
+        write_grid(run, nets, f"step_{step:06d}.png")
+        measure_diversity(run, nets, step)
+    if args.eval_every is not None and step % args.eval_every == 0:
+        evaluate(run, nets, counters, sums, logs)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -1069,10 +1220,24 @@ def train(args: argparse.Namespace) -> None:
         )
 
 
+def score_images(args: argparse.Namespace) -> None:
+    """--score-images: one JSON line on stdout, the folder's images scored against --eval-samples
+    images of the dataset's subset (everything else goes to stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        images = load_images(args.dataset, Path(args.data_root), args.subset, args.seed, args.workers)
+        space, reference = quality_reference(args, images, gan_common.pick_device(args.device))
+        scores = sample_quality.score_images(args.score_images, reference, space)
+    print(json.dumps(scores))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        train(gan_common.resolve_args(build_parser(), argv, SCRIPT, RESUME_MAY_CHANGE))
-    except (DataError, RunError) as error:
+        args = gan_common.resolve_args(build_parser(), argv, SCRIPT, RESUME_MAY_CHANGE)
+        if args.score_images:
+            score_images(args)
+        else:
+            train(args)
+    except (DataError, RunError, SampleQualityError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted; nothing saved since the last checkpoint")

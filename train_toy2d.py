@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import gan_common
 from gan_common import RunError, positive_int
+from sample_quality import knn_manifold_metrics
 
 SCRIPT = "train_toy2d.py"
 NOISE_DIM = 100
@@ -47,7 +48,10 @@ EVAL_SEED = 20_000
 # relies on it).
 MMD_BANDWIDTHS = (8.0, 4.0, 2.0, 1.0, 0.5)
 SWD_DIRECTIONS = 64  # evenly spaced over half a turn: in 2-D this covers every direction
-QUALITY_COLUMNS = ["epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok"]
+QUALITY_COLUMNS = [
+    "epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok",
+    "precision", "recall", "density", "coverage",
+]  # fmt: skip
 PLOT_XLIM, PLOT_YLIM = (-16.0, 16.0), (-24.0, 24.0)
 # Arguments a resumed run may change; the others must equal the run's own (config.json).
 RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "eval_every"}
@@ -188,9 +192,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((projected_a - projected_b).abs().mean())
 
 
-def sample_quality(generated: torch.Tensor, real: torch.Tensor) -> dict:
+def point_quality(generated: torch.Tensor, real: torch.Tensor) -> dict:
     """How well `generated` matches `real` (two equally sized sets of points): MMD², sliced
-    W1, the share of generated points on the arc of their side, and each side's share."""
+    W1, the share of generated points on the arc of their side, each side's share, and the
+    k-NN precision, recall, density and coverage of sample_quality."""
     x, y = generated[:, 0], generated[:, 1]
     left = x <= 0
     centre_y = torch.where(left, RADIUS, -RADIUS)
@@ -205,6 +210,7 @@ def sample_quality(generated: torch.Tensor, real: torch.Tensor) -> dict:
         "left_share": left_share,
         "right_share": right_share,
         "coverage_ok": on_support > 0.9 and 0.35 <= left_share <= 0.65 and 0.35 <= right_share <= 0.65,
+        **knn_manifold_metrics(real, generated),
     }
 
 
@@ -279,7 +285,9 @@ def build_nets(run: Run) -> gan_common.Nets:
     discriminator = Discriminator().to(run.device)
     opt_g = gan_common.make_optimizer(run.args.g_opt, generator.parameters(), run.args.lr_g, run.args)
     opt_d = gan_common.make_optimizer(run.args.d_opt, discriminator.parameters(), run.args.lr_d, run.args)
-    return gan_common.Nets(generator, discriminator, opt_g, opt_d)
+    noise_g = gan_common.GradientNoise(generator.parameters())
+    noise_d = gan_common.GradientNoise(discriminator.parameters())
+    return gan_common.Nets(generator, discriminator, opt_g, opt_d, noise_g, noise_d)
 
 
 def start_or_resume(run: Run, nets: gan_common.Nets) -> Counters:
@@ -334,6 +342,7 @@ def train_step(
         loss_d.backward()
         counters.grad_norm_d = gan_common.grad_norm(nets.discriminator.parameters())
         nets.opt_d.step()
+        nets.noise_d.update()
         counters.d_metrics = None
     # G, every batch, against the freshly updated D: the non-saturating loss.
     logits_g = nets.discriminator(fake)
@@ -341,6 +350,7 @@ def train_step(
     nets.opt_g.zero_grad()
     loss_g.backward()
     nets.opt_g.step()
+    nets.noise_g.update()
     return {"loss_d": loss_d, "loss_g": loss_g, "logits_real": logits_real, "logits_fake": logits_fake}
 
 
@@ -362,6 +372,8 @@ def log_row(nets: gan_common.Nets, counters: Counters, epoch: int, figures: dict
         "conf_d": conf_d,
         "grad_norm_g": gan_common.grad_norm(nets.generator.parameters()),
         "grad_norm_d": counters.grad_norm_d,
+        "grad_noise_g": nets.noise_g.ratio(),
+        "grad_noise_d": nets.noise_d.ratio(),
         "steps_per_sec": seconds,
     }
 
@@ -371,7 +383,7 @@ def evaluate(run: Run, nets: gan_common.Nets, epoch: int, step: int, quality_log
     their quality."""
     with torch.no_grad():
         generated = nets.generator(run.eval_noise).cpu()
-    quality = sample_quality(generated, run.real_eval)
+    quality = point_quality(generated, run.real_eval)
     quality_log.write({"epoch": epoch, "step": step, **quality})
     title = f"epoch {epoch}: {quality['on_support']:.0%} on support, {quality['left_share']:.0%} left"
     real, fake = (run.real_eval, "real", "tab:blue"), (generated, "generated", "tab:orange")

@@ -68,9 +68,9 @@ def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory) -> Path:
+def grid(tmp_path_factory, shapes_data_root) -> Path:
     out = tmp_path_factory.mktemp("grid")
-    result = run_benchmark("--out", str(out), "--data-root", str(out / "data"))
+    result = run_benchmark("--out", str(out), "--data-root", str(shapes_data_root))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -90,7 +90,7 @@ def test_grid_writes_runs_figures_and_results(grid):
     assert "torch 2." in results and (grid / "machine.json").is_file()
 
 
-def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid):
+def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, shapes_data_root):
     # As if stopped after its first epoch's checkpoint, of a grid of 2-epoch toy runs.
     folder = grid / "toy2d" / "casmo_adam-s0"
     shutil.rmtree(folder)
@@ -100,7 +100,7 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid):
         if job.folder == folder
     )
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    result = run_benchmark("--out", str(grid), "--data-root", str(grid / "data"), "--toy-epochs", "2")
+    result = run_benchmark("--out", str(grid), "--data-root", str(shapes_data_root), "--toy-epochs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "8 of 9 runs done before; 1 to run" in result.stdout
     assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,8 +30,11 @@ IMAGES_PER_CLASS = 16
 OFFLINE = {"CASMO_TINYIMAGENET_URL": "http://127.0.0.1:9/tiny-imagenet-200.zip"}
 
 
-def run(*args, env=None, timeout=300):
+def run(*args, env=None, timeout=300, measures=False):
+    """The script in a subprocess; a new run without `measures` gets --no-fid (no feature
+    space), a resumed one keeps its own."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE, **(env or {})}
+    args = args if measures or "--resume" in args else (*args, "--no-fid")
     return subprocess.run(
         [sys.executable, str(ROOT / "train_dcgan.py"), *map(str, args)],
         capture_output=True,
@@ -58,6 +62,13 @@ def check_fails(result, *phrases):
 def read_csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def untimed(path):
+    """A CSV's rows without the columns that time the run."""
+    return [
+        {k: v for k, v in row.items() if k not in ("steps_per_sec", "eval_seconds")} for row in read_csv(path)
+    ]
 
 
 def make_fake_tinyimagenet(data_root: Path) -> Path:
@@ -153,15 +164,14 @@ def test_resume_continues_exactly(fake_data, tmp_path):
         for index, state in whole[key]["state"].items():
             for name, value in state.items():
                 assert torch.equal(torch.as_tensor(split[key]["state"][index][name]), torch.as_tensor(value))
-    assert read_csv(tmp_path / "split" / "quality.csv") == read_csv(tmp_path / "whole" / "quality.csv")
+    assert untimed(tmp_path / "split" / "quality.csv") == untimed(tmp_path / "whole" / "quality.csv")
     # D's columns on steps where it did not learn too: its last update's figures carry over.
-    untimed = [[{k: v for k, v in row.items() if k != "steps_per_sec"} for row in read_csv(run / "log.csv")]
-               for run in (tmp_path / "split", tmp_path / "whole")]  # fmt: skip
-    assert untimed[0] == untimed[1] and untimed[0][2]["grad_norm_d"] == untimed[0][0]["grad_norm_d"] != ""
+    split, whole = untimed(tmp_path / "split" / "log.csv"), untimed(tmp_path / "whole" / "log.csv")
+    assert split == whole and split[2]["grad_norm_d"] == split[0]["grad_norm_d"] != ""
 
 
 def test_ctrl_c_saves_and_resume_matches(tmp_path):
-    common = ["--dataset", "shapes", "--subset", 32, "--epochs", 2, "--log-every", 1]
+    common = ["--dataset", "shapes", "--subset", 32, "--epochs", 2, "--log-every", 1, "--no-fid"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     split = tmp_path / "split"
     command = [sys.executable, str(ROOT / "train_dcgan.py"), *map(str, common), "--out", str(split)]
@@ -356,3 +366,76 @@ def test_download_checks_the_md5_and_extracts(tmp_path, monkeypatch, capsys):
         server.shutdown()
     assert folder == tmp_path / "data" / "tiny-imagenet-200"
     assert sorted(p.name for p in (folder / "train").iterdir()) == WNIDS
+
+
+# ---------------------------------------------------------------------------------------
+# Sample quality, the generator's moving average and the gradient noise ratio
+
+MEASURED = ["--dataset", "shapes", "--subset", 48, "--bs", 8, "--log-every", 1, "--eval-every", 3,
+            "--eval-samples", 100, "--g-ema", 0.9, "--g-opt", "casmo"]  # fmt: skip
+
+
+def test_short_run_evaluates_every_new_column(shapes_data_root, tmp_path):
+    out = tmp_path / "run"
+    check_ok(run(*MEASURED, "--max-steps", 6, "--data-root", shapes_data_root, "--out", out, measures=True))
+    rows = read_csv(out / "quality.csv")
+    assert [row["step"] for row in rows] == ["3", "6"]
+    for name in train_dcgan.QUALITY_COLUMNS:
+        assert all(math.isfinite(float(row[name])) for row in rows), name
+    assert all(0 <= float(row["precision"]) <= 1 and 0 <= int(row["modes_covered"]) <= 36 for row in rows)
+    log = read_csv(out / "log.csv")
+    assert all(0 <= float(row["grad_noise_g"]) <= 1 and 0 <= float(row["grad_noise_d"]) <= 1 for row in log)
+    config = json.loads((out / "config.json").read_text())
+    assert config["feature_space"].startswith("shapes-cnn") and config["feature_space_accuracy"] >= 0.95
+    assert (out / "samples" / "ema" / "final.png").is_file()
+
+
+def test_moving_average_and_noise_ratios_resume_exactly(shapes_data_root, tmp_path):
+    common = [*MEASURED, "--eval-samples", 20, "--data-root", shapes_data_root]
+    check_ok(run(*common, "--max-steps", 3, "--out", tmp_path / "split", measures=True))
+    check_ok(run(*common, "--max-steps", 6, "--resume", tmp_path / "split", measures=True))
+    check_ok(run(*common, "--max-steps", 6, "--out", tmp_path / "whole", measures=True))
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    for name, tensor in whole["g_ema"].items():
+        assert torch.equal(split["g_ema"][name], tensor), name
+    assert untimed(tmp_path / "split" / "quality.csv") == untimed(tmp_path / "whole" / "quality.csv")
+    assert untimed(tmp_path / "split" / "log.csv") == untimed(tmp_path / "whole" / "log.csv")
+
+
+def test_score_images_prints_one_json_line(shapes_data_root, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(train_dcgan.make_shapes(40, seed=9)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:03d}.png")
+    score = ["--dataset", "shapes", "--subset", 64, "--eval-samples", 40, "--data-root", shapes_data_root]
+    train_dcgan.main([str(arg) for arg in ["--score-images", folder, *score]])
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["modes_total"] == 36 and scores["precision"] > 0.5 and scores["recall"] > 0.5
+    assert set(train_dcgan.SAMPLE_COLUMNS) <= set(scores)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails_in_process(capsys, ["--score-images", empty, *score], "no PNG or JPEG")
+    Image.new("RGB", (32, 32)).save(folder / "small.png")
+    fails_in_process(capsys, ["--score-images", folder, *score], "32x32")
+    (folder / "small.png").write_bytes(b"not a png")
+    fails_in_process(capsys, ["--score-images", folder, *score], "small.png")
+
+
+def test_offline_inception_stops_before_training(fake_data, tmp_path, capsys):
+    fails_in_process(
+        capsys,
+        [
+            "--data-root",
+            fake_data,
+            "--subset",
+            32,
+            "--out",
+            tmp_path / "run",
+            "--inception-weights",
+            tmp_path / "x",
+        ],
+        "--inception-weights",
+    )
+    assert not (tmp_path / "run" / "log.csv").exists()

@@ -31,11 +31,12 @@ def logged_steps(run_dir: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(handle)]
 
 
-def test_two_processes_then_resume_on_one(tmp_path):
+def test_two_processes_then_resume_on_one(shapes_data_root, tmp_path):
     out = tmp_path / "run"
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "train_dcgan.py",
         "--dataset", "shapes", "--subset", 64, "--bs", 8, "--epochs", 1, "--log-every", 1,
-        "--g-opt", "casmo", "--d-opt", "casmo", "--data-root", tmp_path / "data", "--out", out)  # fmt: skip
+        "--g-opt", "casmo", "--d-opt", "casmo", "--data-root", shapes_data_root, "--eval-samples", 50,
+        "--g-ema", 0.99, "--out", out)  # fmt: skip
 
     # 64 images in global batches of 2 x 8: 4 steps, each logged once (by rank 0 alone).
     assert logged_steps(out) == [1, 2, 3, 4]
@@ -53,4 +54,6 @@ def test_two_processes_then_resume_on_one(tmp_path):
     assert "resumes on 1" in resumed.stdout
     assert logged_steps(out) == list(range(1, 13))
     with open(out / "quality.csv", newline="") as handle:
-        assert [(row["epoch"], row["step"]) for row in csv.DictReader(handle)] == [("1", "4"), ("2", "12")]
+        rows = list(csv.DictReader(handle))
+    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "4"), ("2", "12")]
+    assert all(row["kid"] and row["kid_ema"] for row in rows)  # rank 0 evaluates, under DDP too

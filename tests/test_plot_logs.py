@@ -434,6 +434,7 @@ def test_figures_and_summary_from_real_short_runs_of_both_scripts(tmp_path):
         + ["--log-every", "1", "--g-opt", "casmo", "--d-opt", "adam", "--out", str(tmp_path / "toy")],
         ["train_dcgan.py", "--dataset", "shapes", "--subset", "64", "--bs", "16", "--epochs", "1"]
         + ["--log-every", "1", "--g-opt", "adam", "--d-opt", "casmo", "--data-root", str(tmp_path / "data")]
+        + ["--no-fid"]
         + ["--out", str(tmp_path / "dcgan")],
     ]
     for command in commands:

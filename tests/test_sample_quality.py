@@ -15,13 +15,12 @@ MODE_KEYS = {"modes_covered", "modes_total", "mode_kl"}
 
 
 @pytest.fixture(scope="session")
-def shapes_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("shapes_features")
+def shapes_cache(shapes_data_root):
+    return shapes_data_root / "shapes_features"
 
 
 @pytest.fixture(scope="session")
 def shapes_space(shapes_cache):
-    # Trained once per test session (about a minute on one core).
     return sq.shapes_feature_space(shapes_cache)
 
 

@@ -16,7 +16,7 @@ import torch
 
 import train_toy2d
 from gan_common import LOG_COLUMNS
-from train_toy2d import EVAL_POINTS, SemicircleDataset, sample_quality, sample_semicircles
+from train_toy2d import EVAL_POINTS, SemicircleDataset, point_quality, sample_semicircles
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 batches per epoch, an evaluation every epoch, a log row every step.
@@ -97,24 +97,26 @@ def test_data_is_seeded():
 def test_quality_of_real_against_real():
     real_a = sample_semicircles(EVAL_POINTS, torch.Generator().manual_seed(1))
     real_b = sample_semicircles(EVAL_POINTS, torch.Generator().manual_seed(2))
-    quality = sample_quality(real_a, real_b)
+    quality = point_quality(real_a, real_b)
     assert quality["on_support"] > 0.95
     assert abs(quality["mmd"]) < 1e-3
     assert quality["swd"] < 0.5
     assert abs(quality["left_share"] + quality["right_share"] - 1) < 1e-6
     assert quality["coverage_ok"]
+    assert quality["precision"] > 0.9 and quality["recall"] > 0.9 and quality["coverage"] > 0.8
+    assert 0.8 < quality["density"] < 1.2
 
 
 def test_quality_of_collapsed_samples():
     real = sample_semicircles(EVAL_POINTS, torch.Generator().manual_seed(1))
     # All at one spot of the left arc: on the support, but one half is missing.
     one_spot = torch.tensor([-10.0, 10.0]).repeat(EVAL_POINTS, 1)
-    quality = sample_quality(one_spot, real)
+    quality = point_quality(one_spot, real)
     assert quality["on_support"] == 1.0 and quality["left_share"] == 1.0
     assert not quality["coverage_ok"]
     assert quality["mmd"] > 0.1 and quality["swd"] > 3
     # All at one spot off the support.
-    assert sample_quality(torch.tensor([5.0, 5.0]).repeat(EVAL_POINTS, 1), real)["on_support"] == 0.0
+    assert point_quality(torch.tensor([5.0, 5.0]).repeat(EVAL_POINTS, 1), real)["on_support"] == 0.0
 
 
 def test_two_spot_collapse_passes_coverage_but_not_mmd():
@@ -122,9 +124,11 @@ def test_two_spot_collapse_passes_coverage_but_not_mmd():
     onto one point per arc."""
     real = sample_semicircles(EVAL_POINTS, torch.Generator().manual_seed(1))
     two_spots = torch.tensor([[-10.0, 10.0], [10.0, -10.0]]).repeat(EVAL_POINTS // 2, 1)
-    quality = sample_quality(two_spots, real)
+    quality = point_quality(two_spots, real)
     assert quality["coverage_ok"]
     assert quality["mmd"] > 0.1 and quality["swd"] > 3
+    # k-NN recall sees it too: the samples' balls have radius 0 and hold no real point.
+    assert quality["precision"] == 1.0 and quality["recall"] == 0.0 and quality["coverage"] < 0.01
 
 
 # ---------------------------------------------------------------------- the script
