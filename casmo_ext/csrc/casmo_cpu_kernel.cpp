@@ -27,6 +27,18 @@ constexpr int64_t kStep = 2 * kLanes;
 constexpr int64_t kBlock = 1024;
 static_assert(kBlock % kStep == 0 && kChunk % kBlock == 0);
 
+// Each stream is prefetched this far ahead: a thread streaming from memory otherwise has
+// too few misses in flight (measured on a Xeon: 1.55x fused Adam on a 4M-element tensor
+// without, 1.17x with; 4096 was slower than 2048). Prefetching past the end is harmless.
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename scalar_t>
+inline void prefetch_ahead(const scalar_t* ptr) {
+  const char* ahead = reinterpret_cast<const char*>(ptr) + kPrefetchBytes;
+  for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(scalar_t)); line += 64)
+    __builtin_prefetch(ahead + line);
+}
+
 struct Pair {
   Vec lo, hi;
 };
@@ -128,6 +140,9 @@ inline Vec apply_update(const Vec& p, const Vec& m, const Vec& s, const MomentVe
 // Pass 1 on count <= kStep elements; returns agar_i summed lane-wise.
 template <typename scalar_t>
 inline Vec moments_step(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t count, const MomentVecs& c) {
+  prefetch_ahead(g);
+  prefetch_ahead(m);
+  prefetch_ahead(s);
   const Pair gv = load(g, count);
   Pair mv = load(m, count), sv = load(s, count);
   update_moments(gv.lo, mv.lo, sv.lo, c);
@@ -142,6 +157,9 @@ inline Vec moments_step(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t cou
 template <typename scalar_t>
 inline Vec update_step(scalar_t* p, const scalar_t* m, const scalar_t* s, int64_t count, const MomentVecs& c,
                        const GateVecs& gc) {
+  prefetch_ahead(p);
+  prefetch_ahead(m);
+  prefetch_ahead(s);
   Pair pv = load(p, count);
   const Pair mv = load(m, count), sv = load(s, count);
   Vec confidence_lo, confidence_hi;
