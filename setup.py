@@ -103,7 +103,7 @@ setup(
     packages=find_packages(include=["casmo_ext", "casmo_ext.*"]),
     package_data={"casmo_ext": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=bool(shutil.which("ninja")))},
     python_requires=">=3.9",
     install_requires=["torch"],
 )
