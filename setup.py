@@ -23,10 +23,10 @@ try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    # pip builds in an isolated environment without the installed torch unless told not to.
+    # pip builds in an isolated environment, which cannot see an installed torch.
     sys.exit(
-        "casmo_ext: the build needs torch, which this Python cannot import; install torch, "
-        "then run: pip install -e . --no-build-isolation"
+        "casmo_ext: building needs torch importable (pip's build isolation hides an installed "
+        "one): install torch, then run: pip install -e . --no-build-isolation"
     )
 
 CSRC = os.path.join("casmo_ext", "csrc")
