@@ -18,11 +18,10 @@ KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
 .PHONY: demo test bench throughput benchmark benchmark-small lint install check-arm
 
-install: $(VENV)/.built
+install: $(VENV)/.built $(VENV)/pip.conf
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	cp venv-pip.conf $(VENV)/pip.conf
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
@@ -32,6 +31,10 @@ $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import casmo_ext; print('casmo_ext build:', casmo_ext.build_info())"
 	touch $@
+
+# Lets plain `pip install -e .` build in .venv (see venv-pip.conf).
+$(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
+	cp venv-pip.conf $@
 
 test: install
 	$(PY) -m pytest -q
