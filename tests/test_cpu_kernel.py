@@ -87,6 +87,20 @@ def test_vector_passes_match_scalar_math(dtype, hyper):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_each_tensors_sums_count_only_its_elements(dtype):
+    """One tensor per call, so that lanes past a tensor's end (which would add C_i =
+    trust^robustness * rel_floor each) show against a sum of a few elements."""
+    gen = torch.Generator().manual_seed(2)
+    for n in [size for size in SIZES if size > 0]:
+        p, g = torch.randn(n, generator=gen).to(dtype), (0.3 + torch.randn(n, generator=gen)).to(dtype)
+        sums = []
+        for step_fn in (_kernels._C.cpu_step, _kernels._C.cpu_scalar_step):
+            state = [p.clone(), g, torch.zeros_like(p), torch.zeros_like(p)]
+            sums.append(step_fn(*[[x] for x in state], [1.0], *GROUPS[0]))
+        torch.testing.assert_close(sums[0], sums[1], rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bitwise_deterministic_across_thread_counts(dtype):
     threads = torch.get_num_threads()
     results = []
