@@ -1,22 +1,24 @@
 # Two commands from a fresh clone:
 #   make demo   installs into .venv, builds the kernels and runs the main job
 #   make test   installs into .venv, builds the kernels and runs the whole test suite
-# Also: make bench (optimizer step benchmark), make throughput, make benchmark, make lint.
+# Also: make bench (optimizer step benchmark), make throughput, make benchmark, make lint,
+# make check-arm (the C++ sources compiled for aarch64 with a cross compiler).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # cpp_extension's guess of CUDA_HOME from an nvcc wrapper on PATH can be wrong; with no
-# GPU to detect, an explicit architecture list keeps the build to two targets.
+# GPU to detect, an explicit architecture list keeps the build to two targets, and +PTX
+# lets GPUs newer than Hopper compile the kernels at load time (docs/speed.md).
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput benchmark benchmark-small lint install
+.PHONY: demo test bench throughput benchmark benchmark-small lint install check-arm
 
-install: $(VENV)/.built
+install: $(VENV)/.built $(VENV)/pip.conf
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +31,10 @@ $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import casmo_ext; print('casmo_ext build:', casmo_ext.build_info())"
 	touch $@
+
+# Lets plain `pip install -e .` build in .venv (see venv-pip.conf).
+$(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
+	cp venv-pip.conf $@
 
 test: install
 	$(PY) -m pytest -q
@@ -73,3 +79,15 @@ benchmark-small: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Every C++ source, type-checked for aarch64 (Grace, Graviton) against the installed
+# torch's headers: an x86-only construct outside a guard fails here. .ci/run installs
+# the cross compiler (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu).
+ARM_CXX ?= aarch64-linux-gnu-g++
+check-arm: $(VENV)/.deps
+	@includes="$$($(PY) -c 'import sysconfig; from torch.utils.cpp_extension import include_paths; \
+		print(" ".join("-I" + p for p in include_paths() + [sysconfig.get_paths()["include"]]))')" && \
+	for source in casmo_ext/csrc/*.cpp; do \
+		echo "$(ARM_CXX) -fsyntax-only $$source"; \
+		$(ARM_CXX) -std=c++20 -fsyntax-only -Wno-psabi -DTORCH_EXTENSION_NAME=_C $$includes $$source || exit 1; \
+	done

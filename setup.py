@@ -2,10 +2,15 @@
 CUDA build of PyTorch are both present (set CASMO_NO_CUDA=1 to skip them).
 
     pip install -e . --no-build-isolation      # torch must already be installed
+
+In the repository's .venv (made by `make install`) plain `pip install -e .` works too:
+.venv/pip.conf turns build isolation off there.
 """
 
 import os
+import platform
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -14,13 +19,15 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import (  # noqa: E402
-    CUDA_HOME,
-    BuildExtension,
-    CppExtension,
-    CUDAExtension,
-)
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    # pip builds in an isolated environment, which cannot see an installed torch.
+    sys.exit(
+        "casmo_ext: building needs torch importable (pip's build isolation hides an installed "
+        "one): install torch, then run: pip install -e . --no-build-isolation"
+    )
 
 CSRC = os.path.join("casmo_ext", "csrc")
 # No errno and no FP traps: results are unchanged, and GCC can then vectorise sqrt and
@@ -28,6 +35,33 @@ CSRC = os.path.join("casmo_ext", "csrc")
 # -fopenmp it compiles to a serial loop.
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-pthread"]
 LINK_FLAGS = ["-fopenmp"]
+# casmo_cpu_kernel.cpp is compiled once per CPU capability, as ATen compiles its kernels
+# (same macros, same instruction sets); casmo_cpu.cpp picks one at run time from the
+# capability torch reports. Keep in step with casmo_cpu_kernel.h.
+CPU_KERNEL = os.path.join(CSRC, "casmo_cpu_kernel.cpp")
+X86_CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+CPU_CAPABILITIES = X86_CAPABILITIES if IS_X86 else {"DEFAULT": []}
+
+
+class BuildWithCpuCapabilities(BuildExtension):
+    """Compiles the CPU kernel once per capability, each with its own flags (an extension
+    has one set), and links the objects into the extension."""
+
+    def build_extension(self, ext) -> None:
+        for capability, isa_flags in CPU_CAPABILITIES.items():
+            macros = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+            ext.extra_objects += self.compiler.compile(
+                [CPU_KERNEL],
+                output_dir=os.path.join(self.build_temp, capability),
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + macros + isa_flags},
+            )
+        super().build_extension(ext)
 
 
 def want_cuda() -> bool:
@@ -69,7 +103,7 @@ setup(
     packages=find_packages(include=["casmo_ext", "casmo_ext.*"]),
     package_data={"casmo_ext": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=bool(shutil.which("ninja")))},
     python_requires=">=3.9",
     install_requires=["torch"],
 )

@@ -27,6 +27,9 @@ def build_info() -> dict:
         "cpu_kernel": _C is not None,
         "cuda_kernel": bool(_C is not None and _C.built_with_cuda()),
         "cuda_emulation": bool(_C is not None and hasattr(_C, "cuda_emulated_step")),
+        # The CPU kernel's compiled variant in use (from torch's CPU capability).
+        "cpu_kernel_capability": _C.cpu_capability() if _C is not None else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

@@ -195,6 +195,12 @@ def main() -> None:
         f"# {info['date']}  torch {info['torch']}  {info['cpu']} ({info['cpu_threads']} threads)"
         + (f"  GPU: {info['gpu']}" if info["gpu"] else "")
     )
+    if torch.device("cpu") in devices:
+        build = info["build"]
+        print(
+            f"# CPU kernel capability: {build['cpu_kernel_capability']} (torch runs "
+            f"{build['torch_cpu_capability']}; set ATEN_CPU_CAPABILITY=avx2 or default to force a lower one)"
+        )
     rows = run(devices, args.sets, args.min_rounds, args.min_seconds)
     print(format_table(rows))
     if args.json:

@@ -20,6 +20,8 @@ def test_bench_writes_table_and_json(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| cpu | 400_x_256 | casmo_kernel |" in result.stdout
+    capability = casmo_ext.build_info()["cpu_kernel_capability"]
+    assert f"# CPU kernel capability: {capability} (torch runs " in result.stdout
     report = json.loads(out.read_text())
     rows = {row["optimizer"]: row for row in report["rows"]}
     assert set(rows) == {"casmo_kernel", "casmo_reference", "adam_fused", "adam_foreach"}
@@ -32,3 +34,4 @@ def test_bench_writes_table_and_json(tmp_path):
         low, high = row["vs_adam_fused_quartiles"]
         assert low <= row["vs_adam_fused"] <= high
     assert report["machine"]["build"]["cpu_kernel"] is True
+    assert report["machine"]["build"]["cpu_kernel_capability"] == capability

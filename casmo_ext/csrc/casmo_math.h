@@ -96,13 +96,15 @@ CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
 }
 
 // The signal fraction of one coordinate, from the stored moments. Also returns the
-// bias-corrected mean and the reconstructed E[g^2] that pass 2 needs.
+// bias-corrected mean and the reconstructed E[g^2] that pass 2 needs. Written as a
+// reciprocal and products (no divisions) so that the vector twin in casmo_cpu_kernel.cpp,
+// which may use a fast reciprocal, performs the same operations in the same order.
 CASMO_HD float agar(float m, float s, const MomentConsts& c, float& m_hat, float& total) {
   m_hat = m * c.inv_bias_correction1;
   const float s_hat = s * c.inv_bias_correction2;
   const float signal = m_hat * m_hat;
   total = signal + s_hat;
-  return signal / max_f(total, FLT_MIN);
+  return signal * (1.0f / max_f(total, FLT_MIN));
 }
 
 // Pass 2: the gated AdamW update. Returns the new parameter; confidence gets C_i.
@@ -110,7 +112,8 @@ CASMO_HD float apply_update(float p, float m_hat, float total, float agar_i, con
                             const GateConsts& gc, float& confidence) {
   const float focus = min_f(max_f(agar_i * gc.inv_agar_mean_plus_eps, h.rel_floor), 1.0f);
   confidence = gc.trust_pow * focus;
-  return p * gc.decay - h.lr * confidence * m_hat / (sqrtf(total) + h.eps);
+  const float inv_denominator = 1.0f / (sqrtf(total) + h.eps);
+  return p * gc.decay - h.lr * confidence * m_hat * inv_denominator;
 }
 
 }  // namespace casmo
