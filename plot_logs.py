@@ -491,21 +491,19 @@ QUALITY_PANELS = {
             guides=(0.5,),
             source="quality",
         ),
-        Panel(
-            "MMD to real data",
-            "MMD",
-            (Series("mmd", "MMD", "tab:red"),),
-            "epoch",
-            log_y=True,
-            source="quality",
-        ),
-        Panel(
-            "Sliced Wasserstein distance",
-            "SWD",
-            (Series("swd", "SWD", "tab:purple"),),
-            "epoch",
-            log_y=True,
-            source="quality",
+        *(
+            Panel(
+                title,
+                name.upper(),
+                (Series(name, name.upper(), color),),
+                "epoch",
+                log_y=True,
+                source="quality",
+            )
+            for title, name, color in (
+                ("MMD to real data", "mmd", "tab:red"),
+                ("Sliced Wasserstein distance", "swd", "tab:purple"),
+            )
         ),
         *TOY_MEASURE_PANELS,
     ),

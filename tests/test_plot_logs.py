@@ -24,6 +24,7 @@ import train_dcgan
 LOG_COLUMNS = [*gan_common.LOG_COLUMNS, "steps_per_sec"]
 PER_RUN_FIGURES = ["loss_plot.png", "score_plot.png", "optimizer_plot.png", "grad_norm_plot.png"]
 COMPARE_FIGURES = ["compare_loss.png", "compare_scores.png", "compare_grad_norm.png", "comparison_2x2.png"]
+COMPARE_FIGURES += ["compare_quality.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,7 +78,8 @@ def make_run(
         write_csv(
             folder / "quality.csv",
             names,
-            {name: [1, 2, 3, 4] for name in names} | {"diversity_ratio": [0.5, 0.6, 0.7, 0.8]},
+            {name: [1, 2, 3, 4] for name in names}
+            | {"diversity_ratio": [0.5, 0.6, 0.7, 0.8], "kid": [9, 7, 5, 3 + seed]},
         )
     return folder
 
@@ -275,6 +277,19 @@ def test_summary_md_is_a_markdown_table_with_definitions(plotted):
     for threshold in (plot_logs.D_COLLAPSED_BELOW, plot_logs.STABLE_MAX_CV, plot_logs.WILD_OSCILLATION_RATIO):
         assert str(threshold) in text
     assert "last 10% of logged steps" in text
+    assert "### dcgan (shapes): sample quality at the last evaluation" in text and "t-interval" in text
+
+
+def test_sample_measures_get_a_95_percent_interval_over_seeds(plotted):
+    """dc_ac_s0 and dc_ac_s1 end at KID 3 and 4: mean 3.5, t-interval 12.706 x 0.707 / 1.414 either side."""
+    rows = summary_rows(plotted["out"])
+    config = next(row for row in rows if row["scope"] == "configuration" and row["name"] == "adam_casmo")
+    assert float(config["kid_final"]) == 3.5
+    assert float(config["kid_final_ci95"]) == pytest.approx(
+        12.706 * np.std([3, 4], ddof=1) / np.sqrt(2), rel=1e-3
+    )
+    text = (plotted["out"] / "summary.md").read_text()
+    assert "| **adam_casmo** | 0,1 | 3.50 [-2.85, 9.85] |" in text
 
 
 def test_skipped_folders_are_reported_with_the_reason(plotted):
