@@ -1,0 +1,181 @@
+"""CASMO as a torch.optim citizen: torch's keywords (foreach, maximize, differentiable),
+edge cases of groups, lr tensors and CUDA-graph capture, non-finite gradients on every
+backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import casmo_ext
+from casmo_ext import CASMO, _kernels, casmo_step_reference
+from casmo_ext.foreach import casmo_step_foreach
+
+needs_kernel = pytest.mark.skipif(not casmo_ext.build_info()["cpu_kernel"], reason="casmo_ext._C not built")
+needs_emulation = pytest.mark.skipif(
+    not casmo_ext.build_info()["cuda_emulation"], reason="built without the CUDA emulation"
+)
+BACKENDS = [
+    pytest.param(dict(fused=True), marks=needs_kernel, id="kernel"),
+    pytest.param(dict(fused=False), id="foreach"),
+    pytest.param(dict(fused=False, foreach=False), id="reference"),
+]
+HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, c_min=0.1, robustness=0.5, rel_floor=0.1)
+
+
+def make_tensors(sizes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [(0.3 + torch.randn(n, generator=gen)).to(dtype) for n in sizes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_foreach_step_matches_the_reference(dtype, capturable):
+    """Tensors with different step counts, an empty one, a tensor lr."""
+    sizes = [5, 0, 300, 1]
+    params = make_tensors(sizes, dtype, 0)
+    ms, ss = [torch.zeros(n, dtype=dtype) for n in sizes], [torch.zeros(n, dtype=dtype) for n in sizes]
+    twins = [[t.clone() for t in ts] for ts in (params, ms, ss)]
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    for step in range(1, 4):
+        grads = make_tensors(sizes, dtype, step)
+        counts = [step + i for i in range(len(sizes))]
+        if capturable:
+            counts = [torch.tensor(float(c)) for c in counts]
+        sums = casmo_step_foreach(params, grads, ms, ss, counts, lr=lr, **HYPER)
+        expected_sums = casmo_step_reference(*twins[:1], grads, *twins[1:], counts, lr=lr, **HYPER)
+        torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=0)
+    for actual, expected in zip(params + ms + ss, sum(twins, [])):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_keyword_values():
+    p = torch.ones(3, requires_grad=True)
+    for foreach in (None, False, True):
+        CASMO([p], foreach=foreach)
+    with pytest.raises(ValueError, match="`fused` and `foreach` cannot both be True"):
+        CASMO([p], fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maximize_steps_with_the_negated_gradient(backend):
+    torch.manual_seed(0)
+    p = torch.randn(40, requires_grad=True)
+    ascending, descending = p.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    up = CASMO([ascending], lr=1e-2, maximize=True, **backend)
+    down = CASMO([descending], lr=1e-2, **backend)
+    for _ in range(3):
+        g = torch.randn(40) + 0.5
+        ascending.grad, descending.grad = g.clone(), -g
+        up.step()
+        down.step()
+    assert torch.equal(ascending, descending)
+    assert not torch.equal(ascending, p)
+    assert torch.equal(up.state[ascending]["m"], down.state[descending]["m"])
+
+
+def test_differentiable_only_false():
+    p = torch.ones(3, requires_grad=True)
+    CASMO([p], differentiable=False)
+    with pytest.raises(NotImplementedError, match="differentiable=False"):
+        CASMO([p], differentiable=True)
+
+
+def test_invalid_param_group_is_not_kept():
+    opt = CASMO([torch.ones(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.add_param_group({"params": [torch.ones(2, requires_grad=True)], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.ones(2, requires_grad=True)], "lr": 0.5})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_of_a_group_of_empty_tensors(backend):
+    empty, full = torch.ones(0, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = CASMO([{"params": [empty]}, {"params": [full]}], **backend)
+    empty.grad, full.grad = torch.ones(0), torch.ones(3)
+    opt.step()
+    assert opt.group_metrics(0) == {"agar": None, "confidence": None}
+    assert opt.group_metrics(1)["agar"] == pytest.approx(0.5)
+    assert opt.state[empty]["step"] == 1
+
+
+def test_capturable_lr_on_another_device_is_refused_clearly():
+    p = torch.ones(3, requires_grad=True)
+    opt = CASMO([p], lr=torch.tensor(1e-3), capturable=True)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3, device="meta")  # a device other than p's
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"lr tensor on the parameters' device \(cpu\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_lr_tensor_steps_as_the_float(capturable):
+    p, q = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    with_tensor = CASMO([p], lr=torch.tensor(0.1, dtype=torch.float64), capturable=capturable)
+    with_float = CASMO([q], lr=0.1)
+    for _ in range(2):
+        p.grad, q.grad = torch.arange(4.0), torch.arange(4.0)
+        with_tensor.step()
+        with_float.step()
+    torch.testing.assert_close(p, q)
+
+
+def test_capture_of_a_non_capturable_step_is_refused(monkeypatch):
+    p = torch.ones(3, requires_grad=True)
+    opt = CASMO([p])
+    p.grad = torch.ones(3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and len(opt.state[p]) == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step()
+    assert not torch.equal(p, torch.ones(3))
+
+
+def kernel_step(ps, gs, ms, ss, steps, *, lr, **hyper):
+    return _kernels._C.cpu_step(ps, gs, ms, ss, [float(s) for s in steps], lr, *hyper.values())
+
+
+def scalar_kernel_step(ps, gs, ms, ss, steps, *, lr, **hyper):
+    return _kernels._C.cpu_scalar_step(ps, gs, ms, ss, [float(s) for s in steps], lr, *hyper.values())
+
+
+def emulated_step(ps, gs, ms, ss, steps, *, lr, **hyper):
+    float_steps = [float(s) for s in steps]
+    return _kernels._C.cuda_emulated_step(ps, gs, ms, ss, float_steps, [], lr, None, *hyper.values(), 64)
+
+
+STEP_FUNCTIONS = [
+    pytest.param(casmo_step_reference, id="reference"),
+    pytest.param(casmo_step_foreach, id="foreach"),
+    pytest.param(kernel_step, marks=needs_kernel, id="kernel"),
+    pytest.param(scalar_kernel_step, marks=needs_kernel, id="kernel-scalar"),
+    pytest.param(emulated_step, marks=needs_emulation, id="emulated"),
+]
+
+
+@pytest.mark.parametrize("step_fn", STEP_FUNCTIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("robustness", [0.0, 0.5])
+def test_non_finite_gradient_spoils_its_tensor_only(step_fn, bad, robustness):
+    """docs/casmo_spec.md: without nan_guard, a non-finite gradient element makes its own
+    m and s non-finite and its tensor's A NaN, so every element of that tensor becomes
+    NaN; other tensors step as if it were not there."""
+    sizes = [257, 100]
+    params, ms = make_tensors(sizes, torch.float32, 0), make_tensors(sizes, torch.float32, 1)
+    ss = [m.abs() for m in ms]
+    grads = make_tensors(sizes, torch.float32, 2)
+    grads[0][100] = bad
+    hyper = {**HYPER, "robustness": robustness}
+    clean = [t[1].clone() for t in (params, ms, ss)]
+    casmo_step_reference([clean[0]], [grads[1]], [clean[1]], [clean[2]], [3], lr=1e-2, **hyper)
+    sums = step_fn(params, grads, ms, ss, [3, 3], lr=1e-2, **hyper)
+    assert torch.isnan(params[0]).all() and torch.isnan(sums).all()
+    for moment in (ms[0], ss[0]):
+        assert (~torch.isfinite(moment)).nonzero().flatten().tolist() == [100]
+    for actual, expected in zip((params[1], ms[1], ss[1]), clean):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
