@@ -1,8 +1,10 @@
 """CASMO as a torch.optim citizen: torch's keywords (foreach, maximize, differentiable),
 edge cases of groups, lr tensors and CUDA-graph capture, non-finite gradients on every
-backend."""
+backend, LR schedulers and optimizer hooks."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -179,3 +181,91 @@ def test_non_finite_gradient_spoils_its_tensor_only(step_fn, bad, robustness):
         assert (~torch.isfinite(moment)).nonzero().flatten().tolist() == [100]
     for actual, expected in zip((params[1], ms[1], ss[1]), clean):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def train(opt, param, steps, scheduler=None):
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        param.grad = torch.randn(param.shape, generator=gen) + 0.2
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def test_step_lr_scheduler_changes_lr_between_steps():
+    """StepLR halving lr every 2 steps gives the trajectory of lr set by hand."""
+    p, q = torch.ones(8, requires_grad=True), torch.ones(8, requires_grad=True)
+    scheduled = CASMO([p], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(scheduled, step_size=2, gamma=0.5)
+    by_hand = CASMO([q], lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(6):
+        g = torch.randn(8, generator=gen) + 0.2
+        p.grad, q.grad = g.clone(), g.clone()
+        by_hand.param_groups[0]["lr"] = 0.1 * 0.5 ** (i // 2)
+        scheduled.step()
+        by_hand.step()
+        scheduler.step()
+    assert scheduled.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert torch.equal(p, q)
+    constant = torch.ones(8, requires_grad=True)
+    train(CASMO([constant], lr=0.1), constant, 6)
+    assert not torch.allclose(constant, p)
+
+
+def test_scheduler_and_optimizer_checkpoint_resume_the_same_run():
+    p = torch.ones(8, requires_grad=True)
+    opt = CASMO([p], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    train(opt, p, 3, scheduler)
+    saved = (p.detach().clone(), copy.deepcopy(opt.state_dict()), scheduler.state_dict())
+    train(opt, p, 3, scheduler)
+    q = saved[0].clone().requires_grad_()
+    resumed = CASMO([q], lr=0.1)
+    resumed_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(resumed, T_max=10)
+    resumed.load_state_dict(saved[1])
+    resumed_scheduler.load_state_dict(saved[2])
+    train(resumed, q, 3, resumed_scheduler)
+    assert resumed.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert torch.equal(p, q)
+
+
+def test_step_hooks_run_around_each_step():
+    p = torch.ones(3, requires_grad=True)
+    opt = CASMO([p])
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", p.detach().clone())))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", p.detach().clone())))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert [name for name, _ in seen] == ["pre", "post"]
+    assert torch.equal(seen[0][1], torch.ones(3)) and not torch.equal(seen[1][1], torch.ones(3))
+    pre.remove()
+    opt.step()
+    assert [name for name, _ in seen] == ["pre", "post", "post"]
+
+
+def test_state_dict_hooks():
+    p = torch.ones(3, requires_grad=True)
+    opt = CASMO([p])
+    p.grad = torch.ones(3)
+    opt.step()
+
+    def tag(optimizer, state_dict):
+        state_dict["tag"] = "casmo"
+        return state_dict
+
+    def scale_lr(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] *= 10
+        return state_dict
+
+    opt.register_state_dict_post_hook(tag)
+    saved = opt.state_dict()
+    assert saved["tag"] == "casmo" and saved["state"][0]["step"] == 1
+    loaded = CASMO([torch.ones(3, requires_grad=True)])
+    loaded.register_load_state_dict_pre_hook(scale_lr)
+    after = []
+    loaded.register_load_state_dict_post_hook(lambda o: after.append(o.param_groups[0]["lr"]))
+    loaded.load_state_dict(saved)
+    assert after == [pytest.approx(1e-2)] and loaded.param_groups[0]["lr"] == pytest.approx(1e-2)
