@@ -69,6 +69,10 @@ class CASMO(torch.optim.Optimizer):
             `torch._foreach_*` ops and False with the per-tensor reference. True also
             chooses the foreach path over the kernel; it cannot be combined with fused=True.
         maximize: ascend the objective (the step sees -grad), per group.
+        float32_moments: keep `m` and `s` of bfloat16/float16 parameters in float32 (per
+            group; default False, the public package's state). In 16 bits, `s` cannot
+            shrink by the 0.1% per step of beta2 = 0.999 (under half an ulp). These
+            tensors take the fallback (`foreach`): the kernels take one dtype per tensor.
         differentiable: only False; the step is not differentiable.
     """
 
@@ -89,6 +93,7 @@ class CASMO(torch.optim.Optimizer):
         foreach: Optional[bool] = None,
         maximize: bool = False,
         differentiable: bool = False,
+        float32_moments: bool = False,
         **retired: Any,
     ):
         defaults = dict(
@@ -104,6 +109,7 @@ class CASMO(torch.optim.Optimizer):
             foreach=foreach,
             maximize=maximize,
             differentiable=differentiable,
+            float32_moments=float32_moments,
         )
         _validate(defaults)
         if fused and foreach:
@@ -133,11 +139,24 @@ class CASMO(torch.optim.Optimizer):
         _validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype: float32 moments of
+        # 16-bit parameters (float32_moments) are put back from the checkpoint's values.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in ("m", "s"):
+                value = saved.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32 != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # Groups saved by the public package lack our own keys.
         for group in self.param_groups:
-            for key in ("capturable", "nan_guard", "maximize", "differentiable"):
+            for key in ("capturable", "nan_guard", "maximize", "differentiable", "float32_moments"):
                 group.setdefault(key, False)
             group.setdefault("foreach", None)
         if not hasattr(self, "_metrics"):
@@ -215,15 +234,16 @@ class CASMO(torch.optim.Optimizer):
             grad = torch.neg(p.grad) if group["maximize"] else p.grad
             if grad.stride() != p.stride():
                 grad = torch.empty_like(p).copy_(grad)
-            bucket = buckets[(p.device, p.dtype)]
+            bucket = buckets[(p.device, p.dtype, state["m"].dtype)]
             for column, value in zip(bucket, (p, grad, state["m"], state["s"], step)):
                 column.append(value)
 
         sums = []
-        for (device, dtype), (ps, gs, ms, ss, steps) in buckets.items():
+        for (device, dtype, moment_dtype), (ps, gs, ms, ss, steps) in buckets.items():
             if capturable:
                 torch._foreach_add_(steps, 1)
-            sums.append(self._dispatch(device, dtype, group, ps, gs, ms, ss, steps))
+            kernel_dtype = dtype if moment_dtype == dtype else None  # kernels take one dtype
+            sums.append(self._dispatch(device, kernel_dtype, group, ps, gs, ms, ss, steps))
         self._metrics[group_idx] = (sums, sum(p.numel() for p in params))
 
     def _dispatch(self, device, dtype, group, ps, gs, ms, ss, steps) -> torch.Tensor:
@@ -276,8 +296,10 @@ def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
     else:
         state["step"] = 0
-    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["s"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    wide = group["float32_moments"] and p.dtype in (torch.bfloat16, torch.float16)
+    moment_dtype = torch.float32 if wide else p.dtype
+    state["m"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+    state["s"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
 
 
 def _lr_for(group: dict, device: torch.device):

@@ -194,6 +194,16 @@ def test_maximize_and_foreach_on_cuda():
 
 
 @cuda_test
+def test_float32_moments_of_bfloat16_parameters():
+    wide, wide_opt = run({"float32_moments": True}, torch.bfloat16)
+    loop, loop_opt = run({"float32_moments": True, "foreach": False}, torch.bfloat16)
+    for p, q in zip(wide, loop):
+        assert wide_opt.state[p]["s"].dtype == torch.float32
+        assert_matches_reference(p, q, torch.bfloat16, "p")
+        assert_matches_reference(wide_opt.state[p]["s"], loop_opt.state[q]["s"], torch.float32, "s")
+
+
+@cuda_test
 def test_tensor_over_2_pow_31_elements():
     """int64 indexing: with a constant gradient and zero moments every element gets
     the same update, so the last elements must match the first ones."""

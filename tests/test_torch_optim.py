@@ -1,6 +1,6 @@
 """CASMO as a torch.optim citizen: torch's keywords (foreach, maximize, differentiable),
 edge cases of groups, lr tensors and CUDA-graph capture, non-finite gradients on every
-backend, LR schedulers and optimizer hooks."""
+backend, LR schedulers and optimizer hooks, float32 moments for 16-bit parameters."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_non_finite_gradient_spoils_its_tensor_only(step_fn, bad, robustness):
 def train(opt, param, steps, scheduler=None):
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        param.grad = torch.randn(param.shape, generator=gen) + 0.2
+        param.grad = (torch.randn(param.shape, generator=gen) + 0.2).to(param.dtype)
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -269,3 +269,60 @@ def test_state_dict_hooks():
     loaded.register_load_state_dict_post_hook(lambda o: after.append(o.param_groups[0]["lr"]))
     loaded.load_state_dict(saved)
     assert after == [pytest.approx(1e-2)] and loaded.param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def noisy_then_quiet(float32_moments, backend):
+    """s after a phase of zero-mean noise, and after 200 further steps of zero gradient,
+    in which s should decay by beta2 = 0.999 per step."""
+    p = torch.zeros(256, dtype=torch.bfloat16, requires_grad=True)
+    opt = CASMO([p], lr=1e-4, float32_moments=float32_moments, **backend)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        p.grad = torch.randn(256, generator=gen).sign().to(torch.bfloat16)
+        opt.step()
+    after_noise = opt.state[p]["s"].float().clone()
+    for _ in range(200):
+        p.grad = torch.zeros(256, dtype=torch.bfloat16)
+        opt.step()
+    return opt.state[p], after_noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_s_ratchets_without_float32_moments_and_decays_with_them(backend):
+    state, after_noise = noisy_then_quiet(False, backend)
+    assert state["m"].dtype == state["s"].dtype == torch.bfloat16
+    assert (state["s"].float() >= after_noise).all()  # 0.1% is under half a bf16 ulp
+    state, after_noise = noisy_then_quiet(True, backend)
+    assert state["m"].dtype == state["s"].dtype == torch.float32
+    torch.testing.assert_close(state["s"], after_noise * 0.999**200, rtol=2e-2, atol=0)
+
+
+def test_float32_moments_step_as_the_float32_reference():
+    """The step with float32 moments is the reference's with the moments kept in float32."""
+    p = torch.randn(64).to(torch.bfloat16).requires_grad_()
+    m, s, twin = torch.zeros(64), torch.zeros(64), p.detach().clone()
+    opt = CASMO([p], lr=1e-2, weight_decay=0.01, float32_moments=True, foreach=False)
+    for step in range(1, 4):
+        g = torch.randn(64).to(torch.bfloat16)
+        p.grad = g
+        opt.step()
+        casmo_step_reference([twin], [g], [m], [s], [step], lr=1e-2, **{**HYPER, "weight_decay": 0.01})
+    assert torch.equal(opt.state[p]["m"], m) and torch.equal(opt.state[p]["s"], s)
+    assert torch.equal(p.detach(), twin)
+
+
+def test_float32_moments_survive_a_checkpoint():
+    """torch casts loaded state to the parameter's dtype; float32 moments stay float32
+    and the resumed run continues the same trajectory."""
+    p = torch.randn(32).to(torch.bfloat16).requires_grad_()
+    opt = CASMO([p], lr=1e-2, float32_moments=True)
+    train(opt, p, 2)
+    saved = (p.detach().clone(), copy.deepcopy(opt.state_dict()))
+    train(opt, p, 2)
+    q = saved[0].clone().requires_grad_()
+    resumed = CASMO([q], lr=1e-2, float32_moments=True)
+    resumed.load_state_dict(saved[1])
+    assert resumed.state[q]["s"].dtype == torch.float32
+    assert torch.equal(resumed.state[q]["s"], saved[1]["state"][0]["s"])
+    train(resumed, q, 2)
+    assert torch.equal(p, q) and torch.equal(opt.state[p]["m"], resumed.state[q]["m"])
