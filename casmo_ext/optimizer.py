@@ -194,9 +194,12 @@ class CASMO(torch.optim.Optimizer):
                     )
             if params:
                 stepping.append((group_idx, group, params))
-        # Every guarded gradient is checked before anything moves, so a failing step
-        # leaves all parameters and all state as they were.
+        # Every guarded gradient and every capturable lr is checked before anything moves,
+        # so a failing step leaves all parameters and all state as they were.
         for group_idx, group, params in stepping:
+            if group["capturable"]:
+                for device in {p.device for p in params}:
+                    _lr_for(group, device)
             if group["nan_guard"] and not all(torch.isfinite(p.grad).all() for p in params):
                 raise RuntimeError(
                     f"Non-finite (NaN/Inf) gradient detected in parameter group {group_idx}. "

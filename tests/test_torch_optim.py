@@ -110,6 +110,7 @@ def test_capturable_lr_on_another_device_is_refused_clearly():
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"lr tensor on the parameters' device \(cpu\)"):
         opt.step()
+    assert torch.equal(p, torch.ones(3)) and len(opt.state[p]) == 0
 
 
 @pytest.mark.parametrize("capturable", [False, True])
