@@ -44,7 +44,7 @@ def warn_fallback_once(reason: str) -> None:
     if not _warned:
         _warned = True
         warnings.warn(
-            f"casmo_ext: {reason}; CASMO falls back to the pure-PyTorch reference step, "
+            f"casmo_ext: {reason}; CASMO falls back to the pure-PyTorch step, "
             f"which is correct but many times slower. To get the fused kernels, {BUILD_HINT}.",
             RuntimeWarning,
             stacklevel=3,

@@ -38,12 +38,12 @@ def make_grads(params, step, seed=0):
     return [(0.3 + torch.randn(p.shape, generator=gen)).to(dtype=p.dtype, device="cuda") for p in params]
 
 
-def run(optimizer_kwargs, dtype, num_steps=3, seed=0):
+def run(optimizer_kwargs, dtype, num_steps=3, seed=0, grad_sign=1.0):
     params = [torch.nn.Parameter(p) for p in make_params(dtype, seed)]
     optimizer = CASMO(params, **optimizer_kwargs)
     for step in range(1, num_steps + 1):
         for p, g in zip(params, make_grads(params, step, seed)):
-            p.grad = g
+            p.grad = g * grad_sign
         optimizer.step()
     return params, optimizer
 
@@ -137,6 +137,70 @@ def test_capturable_step_in_a_cuda_graph():
     graph.replay()
     for q, old in zip(graphed, before):
         assert torch.equal(q, old)  # no weight decay and lr 0: nothing moves
+
+
+@cuda_test
+def test_capture_of_a_non_capturable_step_is_refused():
+    params = [torch.nn.Parameter(p) for p in make_params(torch.float32, sizes=[(64,)])]
+    optimizer = CASMO(params, fused=True)
+    params[0].grad = torch.ones_like(params[0])
+    optimizer.step()  # creates the state, outside the capture
+    torch.cuda.synchronize()
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:  # raised inside the capture, which then ends cleanly (and empty)
+            with pytest.raises(RuntimeError, match="capturable=True"):
+                optimizer.step()
+        finally:
+            graph.capture_end()
+
+
+@cuda_test
+@pytest.mark.parametrize("fused", [True, False])
+def test_lr_tensor_on_another_device(fused):
+    """An lr tensor on the CPU steps CUDA parameters as its value does (non-capturable),
+    and capturable refuses it clearly."""
+    with_tensor, _ = run({"lr": torch.tensor(1e-2), "fused": fused}, torch.float32)
+    with_float, _ = run({"lr": 1e-2, "fused": fused}, torch.float32)
+    for p, q in zip(with_tensor, with_float):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="lr tensor on the parameters' device"):
+        run({"lr": torch.tensor(1e-2), "capturable": True, "fused": fused}, torch.float32)
+
+
+@cuda_test
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_spoils_its_tensor_only(bad):
+    """As on every other backend (docs/casmo_spec.md, tests/test_torch_optim.py)."""
+    params = [torch.nn.Parameter(p) for p in make_params(torch.float32, sizes=[(70001,), (300,)])]
+    optimizer = CASMO(params, robustness=0.0, fused=True)
+    for p, g in zip(params, make_grads(params, 1)):
+        p.grad = g
+    params[0].grad[12345] = bad
+    optimizer.step()
+    assert torch.isnan(params[0]).all() and torch.isfinite(params[1]).all()
+    assert (~torch.isfinite(optimizer.state[params[0]]["m"])).sum().item() == 1
+
+
+@cuda_test
+def test_maximize_and_foreach_on_cuda():
+    up, _ = run({"maximize": True, "fused": True}, torch.float32)
+    down, _ = run({"fused": True}, torch.float32, grad_sign=-1.0)
+    foreach, _ = run({"fused": False, "foreach": True}, torch.float32, grad_sign=-1.0)
+    for p, q, r in zip(up, down, foreach):
+        assert torch.equal(p, q)
+        assert_matches_reference(r, q, torch.float32, "foreach")
+
+
+@cuda_test
+def test_float32_moments_of_bfloat16_parameters():
+    wide, wide_opt = run({"float32_moments": True}, torch.bfloat16)
+    loop, loop_opt = run({"float32_moments": True, "foreach": False}, torch.bfloat16)
+    for p, q in zip(wide, loop):
+        assert wide_opt.state[p]["s"].dtype == torch.float32
+        assert_matches_reference(p, q, torch.bfloat16, "p")
+        assert_matches_reference(wide_opt.state[p]["s"], loop_opt.state[q]["s"], torch.float32, "s")
 
 
 @cuda_test

@@ -1,4 +1,5 @@
-"""casmo_ext.CASMO against the float64 spec, for the fused CPU kernel and the reference,
+"""casmo_ext.CASMO against the float64 spec, for the fused CPU kernel, the foreach
+fallback and the per-tensor reference,
 and its compatibility contract with the public `casmo` package."""
 
 import copy
@@ -13,7 +14,11 @@ import casmo_ext
 from casmo_ext import CASMO, _kernels
 
 needs_kernel = pytest.mark.skipif(not casmo_ext.build_info()["cpu_kernel"], reason="casmo_ext._C not built")
-BACKENDS = [pytest.param(True, marks=needs_kernel, id="kernel"), pytest.param(False, id="reference")]
+BACKENDS = [
+    pytest.param(dict(fused=True), marks=needs_kernel, id="kernel"),
+    pytest.param(dict(fused=False), id="foreach"),
+    pytest.param(dict(fused=False, foreach=False), id="reference"),
+]
 SHAPES = [(0,), (1,), (7,), (33, 5), (3, 4, 5), (40_001,), (2, 3, 1, 1)]
 
 
@@ -50,12 +55,12 @@ def gradients(groups, step, dtype, gen):
     return grads
 
 
-def run_against_spec(dtype, fused, robustness, steps):
+def run_against_spec(dtype, backend, robustness, steps):
     groups = make_groups(dtype)
     defaults = dict(lr=1e-2, betas=(0.5, 0.999), weight_decay=0.01, robustness=robustness)
     spec = SpecOptimizer(groups, defaults)
     torch_groups = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
-    opt = CASMO(torch_groups, fused=fused, **defaults)
+    opt = CASMO(torch_groups, **backend, **defaults)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         grads = gradients(torch_groups, step, dtype, gen)
@@ -67,10 +72,10 @@ def run_against_spec(dtype, fused, robustness, steps):
     return opt, torch_groups, spec
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("robustness", [0.0, 0.5, 1.0])
-def test_float32_matches_float64_spec(fused, robustness):
-    opt, groups, spec = run_against_spec(torch.float32, fused, robustness, steps=30)
+def test_float32_matches_float64_spec(backend, robustness):
+    opt, groups, spec = run_against_spec(torch.float32, backend, robustness, steps=30)
     for group, spec_group in zip(groups, spec.groups):
         for p, expected in zip(group["params"], spec_group["params"]):
             assert p.dtype == torch.float32
@@ -82,10 +87,10 @@ def test_float32_matches_float64_spec(fused, robustness):
         assert metrics["confidence"] == pytest.approx(confidence, rel=1e-4)
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_tracks_spec(fused, dtype):
-    opt, groups, spec = run_against_spec(dtype, fused, 0.5, steps=10)
+def test_low_precision_tracks_spec(backend, dtype):
+    opt, groups, spec = run_against_spec(dtype, backend, 0.5, steps=10)
     for group, spec_group in zip(groups, spec.groups):
         for p, expected in zip(group["params"], spec_group["params"]):
             assert p.dtype == dtype
@@ -145,8 +150,8 @@ def test_kernel_deterministic_across_thread_counts():
         assert metrics == results[0][1]
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
-def test_spec_invariants(fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spec_invariants(backend):
     """AGAR does not depend on the gradient scale; robustness 0 with rel_floor 1 is
     AdamW with the denominator sqrt(m_hat^2 + s_hat)."""
     torch.manual_seed(3)
@@ -154,7 +159,7 @@ def test_spec_invariants(fused):
     metrics = []
     for scale in (1.0, 1000.0):
         p = torch.zeros(50, requires_grad=True)
-        opt = CASMO([p], fused=fused)
+        opt = CASMO([p], **backend)
         for g in grads:
             p.grad = g * scale
             opt.step()
@@ -162,7 +167,7 @@ def test_spec_invariants(fused):
     assert metrics[0] == pytest.approx(metrics[1], rel=1e-5)
 
     p = torch.zeros(50, requires_grad=True)
-    opt = CASMO([p], lr=0.1, betas=(0.5, 0.9), robustness=0.0, rel_floor=1.0, weight_decay=0.1, fused=fused)
+    opt = CASMO([p], lr=0.1, betas=(0.5, 0.9), robustness=0.0, rel_floor=1.0, weight_decay=0.1, **backend)
     expected, m, s = np.zeros(50), np.zeros(50), np.zeros(50)
     for t, g in enumerate(grads, start=1):
         p.grad = g.clone()
@@ -177,10 +182,10 @@ def test_spec_invariants(fused):
     assert opt.group_metrics()["confidence"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
-def test_grad_none_is_skipped_and_metrics_start_empty(fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_none_is_skipped_and_metrics_start_empty(backend):
     a, b = torch.ones(3, requires_grad=True), torch.ones(4, requires_grad=True)
-    opt = CASMO([a, b], fused=fused)
+    opt = CASMO([a, b], **backend)
     assert opt.group_metrics() == {"agar": None, "confidence": None}
     a.grad = torch.ones(3)
     opt.step()
@@ -189,14 +194,14 @@ def test_grad_none_is_skipped_and_metrics_start_empty(fused):
     assert opt.group_metrics()["agar"] is not None
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
-def test_state_layout_and_public_checkpoint_continue_the_same_trajectory(fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_layout_and_public_checkpoint_continue_the_same_trajectory(backend):
     torch.manual_seed(0)
     grads = [torch.randn(6, 5) for _ in range(8)]
     model = torch.nn.Linear(5, 6, bias=False)
     straight = copy.deepcopy(model)
-    opt = CASMO(model.parameters(), lr=1e-2, fused=fused)
-    straight_opt = CASMO(straight.parameters(), lr=1e-2, fused=fused)
+    opt = CASMO(model.parameters(), lr=1e-2, **backend)
+    straight_opt = CASMO(straight.parameters(), lr=1e-2, **backend)
     for g in grads[:4]:
         for m, o in ((model, opt), (straight, straight_opt)):
             m.weight.grad = g.clone()
@@ -207,9 +212,10 @@ def test_state_layout_and_public_checkpoint_continue_the_same_trajectory(fused):
     # The public package's layout: the same state, param_groups without our extra keys.
     public = copy.deepcopy(saved)
     for group in public["param_groups"]:
-        group.pop("capturable")
+        for key in ("capturable", "foreach", "maximize", "differentiable"):
+            group.pop(key)
     resumed = copy.deepcopy(model)
-    resumed_opt = CASMO(resumed.parameters(), lr=1e-2, fused=fused)
+    resumed_opt = CASMO(resumed.parameters(), lr=1e-2, **backend)
     resumed_opt.load_state_dict(public)
     for g in grads[4:]:
         for m, o in ((resumed, resumed_opt), (straight, straight_opt)):
@@ -247,21 +253,21 @@ def test_unknown_and_retired_keywords():
             CASMO([torch.zeros(1, requires_grad=True)], **{key: value})
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
-def test_sparse_gradient_raises(fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradient_raises(backend):
     p = torch.zeros(4, 2, requires_grad=True)
-    opt = CASMO([p], fused=fused)
+    opt = CASMO([p], **backend)
     p.grad = torch.zeros(4, 2).to_sparse()
     with pytest.raises(NotImplementedError, match="sparse"):
         opt.step()
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_guard_raises_and_leaves_everything_untouched(fused, bad):
+def test_nan_guard_raises_and_leaves_everything_untouched(backend, bad):
     good = torch.randn(5, requires_grad=True)
     other = torch.randn(3, requires_grad=True)
-    opt = CASMO([{"params": [good]}, {"params": [other]}], nan_guard=True, fused=fused)
+    opt = CASMO([{"params": [good]}, {"params": [other]}], nan_guard=True, **backend)
     good.grad, other.grad = torch.ones(5), torch.ones(3)
     opt.step()
     before = (good.detach().clone(), other.detach().clone(), copy.deepcopy(opt.state_dict()))
@@ -312,20 +318,20 @@ def test_kernel_rejects_bad_tensor_lists_clearly():
         _kernels._C.cpu_step([p.double()], [g.double()], [m.double()], [s.double()], [1.0], *hyper)
 
 
-@pytest.mark.parametrize("fused", BACKENDS)
-def test_transposed_gradient_and_float64_params_are_handled(fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_gradient_and_float64_params_are_handled(backend):
     """A gradient with other strides than its parameter is copied to the parameter's
     layout; float64 parameters take the reference path."""
     p = torch.randn(4, 6, requires_grad=True)
     twin = p.detach().clone().requires_grad_()
-    opt, reference = CASMO([p], fused=fused), CASMO([twin], fused=False)
+    opt, reference = CASMO([p], **backend), CASMO([twin], fused=False)
     g = torch.randn(6, 4)
     p.grad, twin.grad = g.t(), g.t().contiguous()
     opt.step()
     reference.step()
     torch.testing.assert_close(p, twin)
     q = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    opt64 = CASMO([q], fused=fused)
+    opt64 = CASMO([q], **backend)
     q.grad = torch.ones(5, dtype=torch.float64)
     opt64.step()
     # First step: d = g (taken before m moves), so s_hat = g^2 = m_hat^2 and AGAR = 1/2.

@@ -85,7 +85,6 @@ CASMO_HD GateConsts gate_consts(const Hyper& h, double agar_sum, double n) {
 
 // Ternaries rather than fmaxf/fminf so that host compilers vectorise the loops.
 CASMO_HD float max_f(float a, float b) { return a > b ? a : b; }
-CASMO_HD float min_f(float a, float b) { return a < b ? a : b; }
 
 // Pass 1: fold the gradient into the moments. The deviation is taken from the
 // previous mean, before m moves.
@@ -107,10 +106,17 @@ CASMO_HD float agar(float m, float s, const MomentConsts& c, float& m_hat, float
   return signal * (1.0f / max_f(total, FLT_MIN));
 }
 
+// clamp(x, lo, hi) that keeps a NaN x, as torch.clamp and at::vec::clamp do: a NaN
+// gradient must spoil its tensor's step the same way on every backend (docs/casmo_spec.md).
+CASMO_HD float clamp_keep_nan(float x, float lo, float hi) {
+  x = lo > x ? lo : x;
+  return hi < x ? hi : x;
+}
+
 // Pass 2: the gated AdamW update. Returns the new parameter; confidence gets C_i.
 CASMO_HD float apply_update(float p, float m_hat, float total, float agar_i, const Hyper& h,
                             const GateConsts& gc, float& confidence) {
-  const float focus = min_f(max_f(agar_i * gc.inv_agar_mean_plus_eps, h.rel_floor), 1.0f);
+  const float focus = clamp_keep_nan(agar_i * gc.inv_agar_mean_plus_eps, h.rel_floor, 1.0f);
   confidence = gc.trust_pow * focus;
   const float inv_denominator = 1.0f / (sqrtf(total) + h.eps);
   return p * gc.decay - h.lr * confidence * m_hat * inv_denominator;
