@@ -1084,6 +1084,9 @@ def sample_metrics(run: Run, generator: nn.Module, suffix: str = "") -> dict:
     """sample_quality's measures of --eval-samples images of `generator` (rank 0, without
     --no-fid), named with `suffix`. Every rank generates (SyncBatchNorm's forward is a
     collective); generating changes nothing in the training (scoring_only)."""
+    # Only rank 0 scores; the other ranks generate only to join SyncBatchNorm's collectives.
+    if run.args.no_fid or (run.reference is None and not run.args.sync_bn):
+        return {}
     images = []
     with scoring_only(generator, run.ranks.device):
         for noise in run.eval_noise.split(EVAL_BATCH):
