@@ -484,7 +484,7 @@ QUALITY_PANELS = {
             "share of samples",
             (
                 Series("left_share", "left mode", "tab:blue"),
-                Series("right_share", "right mode", "tab:orange"),
+                Series("right_share", "right mode", "tab:orange", "--"),
             ),
             "epoch",
             ylim=(0, 1.02),
