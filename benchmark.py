@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 import gan_common
@@ -36,6 +37,10 @@ import train_dcgan
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
 DEFAULT_ROBUSTNESS = 0.5  # CASMO's default, which the main grid uses
 DONE_MARKER = "benchmark_done"  # written into a run folder once its script exited cleanly
+
+
+class ControlError(Exception):
+    """The runs a control is derived from are missing or unreadable."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,23 +58,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--toy-epochs", type=int, default=200)
     parser.add_argument("--dcgan-seeds", type=int, default=3, help="seeds 0..N-1 of each DCGAN configuration")
     parser.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="the main grid's"
+    )
+    parser.add_argument(
         "--dataset", choices=train_dcgan.DATASETS, default="shapes", help="the DCGAN's --dataset"
     )
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="the DCGAN's --data-root")
     parser.add_argument("--subset", type=int, default=2048, help="the DCGAN's --subset")
     parser.add_argument(
-        "--dcgan-steps", type=int, default=400, help="the DCGAN's --max-steps (0: run all --dcgan-epochs)"
+        "--dcgan-steps", type=int, default=2000, help="the DCGAN's --max-steps (0: run all --dcgan-epochs)"
     )
     parser.add_argument("--dcgan-epochs", type=int, default=50, help="the DCGAN's --epochs")
+    dcgan = parser.add_argument_group("DCGAN evaluation and speed (every configuration alike)")
+    dcgan.add_argument("--eval-every", type=int, default=250, help="steps between sample-quality evaluations")
+    dcgan.add_argument("--eval-samples", type=int, default=1000, help="images per evaluation")
+    dcgan.add_argument("--g-ema", type=float, default=0.999, help="decay of the EMA generator (0: none)")
+    dcgan.add_argument("--amp", choices=("off", "bf16"), default="bf16", help="the DCGAN's --amp")
+    dcgan.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the DCGAN's --channels-last",
+    )
+    parser.add_argument(
+        "--control-configs",
+        nargs="*",
+        default=["casmo_adam", "adam_casmo", "casmo_casmo"],
+        choices=CONFIGS[1:],
+        help="configurations that get the control (Adam at their mean CASMO step), on the toy and the DCGAN",
+    )
     parser.add_argument(
         "--sweep-robustness",
         type=float,
         nargs="*",
         default=[0.0, 1.0],
-        help="robustness values run besides the default 0.5 for the sweep (none: no sweep)",
+        help="robustness values run besides the default 0.5 for the toy's sweep (none: no sweep)",
     )
     parser.add_argument("--sweep-configs", nargs="*", default=["casmo_casmo"], choices=CONFIGS)
     parser.add_argument("--sweep-seeds", type=int, default=2, help="seeds 0..N-1 of every sweep point")
+    parser.add_argument(
+        "--dcgan-sweep-robustness",
+        type=float,
+        nargs="*",
+        default=[0.0, 1.0],
+        help="robustness values run besides 0.5 on the DCGAN, for the CASMO configuration with the "
+        "lowest final KID (EMA G), --sweep-seeds seeds (none: no sweep)",
+    )
     parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, cuda:1, ...)")
     parser.add_argument(
         "--jobs",
@@ -80,13 +114,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
     args = parser.parse_args(argv)
     if args.small:
-        small = dict(toy_seeds=2, toy_epochs=60, dcgan_seeds=1, dcgan_steps=150, sweep_robustness=[])
+        small = dict(
+            toy_seeds=2, toy_epochs=60, dcgan_seeds=1, dcgan_steps=150, eval_every=50, control_configs=[],
+            sweep_robustness=[], dcgan_sweep_robustness=[],
+        )  # fmt: skip
         for name, value in small.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
         if args.out == parser.get_default("out"):
             args.out = Path("runs/benchmark-small")
-    for name in ("toy_seeds", "dcgan_seeds", "sweep_seeds", "toy_epochs", "dcgan_epochs"):
+    for name in (
+        "toy_seeds",
+        "dcgan_seeds",
+        "sweep_seeds",
+        "toy_epochs",
+        "dcgan_epochs",
+        "eval_every",
+        "eval_samples",
+    ):
         if getattr(args, name) < 0 or (name.endswith("epochs") and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.jobs is None:
@@ -107,47 +152,135 @@ class Job:
         return f"{self.folder.parent.name}/{self.folder.name}"
 
 
-def plan(args: argparse.Namespace) -> dict[str, list[Job]]:
-    """The runs of every set, keyed by the set's folder name."""
+def optimizers(config: str) -> list[str]:
+    g_opt, d_opt = config.split("_")
+    return ["--g-opt", g_opt, "--d-opt", d_opt]
+
+
+def toy_job(args: argparse.Namespace, folder: Path, config: str, seed: int, *options: str) -> Job:
     python = sys.executable
+    command = [python, "train_toy2d.py", *optimizers(config), "--seed", str(seed), *options]
+    command += ["--epochs", str(args.toy_epochs), "--device", args.device, "--out", str(folder)]
+    resume = [python, "train_toy2d.py", "--resume", str(folder), "--epochs", str(args.toy_epochs)]
+    return Job(folder, command, resume, config, seed)
 
-    def optimizers(config: str) -> list[str]:
-        g_opt, d_opt = config.split("_")
-        return ["--g-opt", g_opt, "--d-opt", d_opt]
 
-    def toy(folder: Path, config: str, seed: int, robustness: float) -> Job:
-        command = [python, "train_toy2d.py", *optimizers(config), "--seed", str(seed)]
-        command += ["--epochs", str(args.toy_epochs), "--robustness", str(robustness)]
-        command += ["--device", args.device, "--out", str(folder)]
-        resume = [python, "train_toy2d.py", "--resume", str(folder), "--epochs", str(args.toy_epochs)]
-        return Job(folder, command, resume, config, seed)
+def dcgan_job(args: argparse.Namespace, folder: Path, config: str, seed: int, *options: str) -> Job:
+    python = sys.executable
+    command = [python, "train_dcgan.py", *optimizers(config), "--seed", str(seed), *options]
+    command += ["--dataset", args.dataset, "--data-root", str(args.data_root), "--subset", str(args.subset)]
+    command += ["--amp", args.amp, *(["--channels-last"] if args.channels_last else [])]
+    command += ["--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples)]
+    command += ["--g-ema", str(args.g_ema)] if args.g_ema else []
+    command += ["--sample-every", str(args.eval_every), "--log-every", "10", "--device", args.device]
+    budget = ["--epochs", str(args.dcgan_epochs)]
+    budget += ["--max-steps", str(args.dcgan_steps)] if args.dcgan_steps else []
+    command += [*budget, "--out", str(folder)]
+    resume = [python, "train_dcgan.py", "--resume", str(folder), *budget]
+    return Job(folder, command, resume, config, seed)
 
-    sets: dict[str, list[Job]] = {"toy2d": []}
-    for config in CONFIGS:
+
+def plan(args: argparse.Namespace) -> dict[str, list[Job]]:
+    """The runs that need no other run's result, keyed by their set's folder name."""
+    robustness = ["--robustness", str(DEFAULT_ROBUSTNESS)]
+    sets: dict[str, list[Job]] = {"toy2d": [], dcgan_set(args): []}
+    for config in args.configs:
         for seed in range(args.toy_seeds):
-            folder = args.out / "toy2d" / f"{config}-s{seed}"
-            sets["toy2d"].append(toy(folder, config, seed, DEFAULT_ROBUSTNESS))
-    dcgan_set = f"dcgan-{args.dataset}"
-    sets[dcgan_set] = []
-    for config in CONFIGS:
+            sets["toy2d"].append(
+                toy_job(args, args.out / "toy2d" / f"{config}-s{seed}", config, seed, *robustness)
+            )
         for seed in range(args.dcgan_seeds):
-            folder = args.out / dcgan_set / f"{config}-s{seed}"
-            command = [python, "train_dcgan.py", *optimizers(config), "--seed", str(seed)]
-            command += ["--dataset", args.dataset, "--data-root", str(args.data_root)]
-            budget = ["--epochs", str(args.dcgan_epochs)]
-            budget += ["--max-steps", str(args.dcgan_steps)] if args.dcgan_steps else []
-            command += ["--subset", str(args.subset), *budget]
-            command += ["--log-every", "10", "--device", args.device, "--out", str(folder)]
-            resume = [python, "train_dcgan.py", "--resume", str(folder), *budget]
-            sets[dcgan_set].append(Job(folder, command, resume, config, seed))
+            folder = args.out / dcgan_set(args) / f"{config}-s{seed}"
+            sets[dcgan_set(args)].append(dcgan_job(args, folder, config, seed))
     if args.sweep_robustness:
         sets["toy2d-robustness"] = [
-            toy(args.out / "toy2d-robustness" / f"{config}-r{value:g}-s{seed}", config, seed, value)
+            toy_job(
+                args,
+                args.out / "toy2d-robustness" / f"{config}-r{value:g}-s{seed}",
+                config,
+                seed,
+                "--robustness",
+                str(value),
+            )
             for value in args.sweep_robustness
             for config in args.sweep_configs
             for seed in range(args.sweep_seeds)
         ]
     return {name: jobs for name, jobs in sets.items() if jobs}
+
+
+def dcgan_set(args: argparse.Namespace) -> str:
+    return f"dcgan-{args.dataset}"
+
+
+# The control: Adam with the learning rate of each CASMO-driven network scaled by the
+# mean confidence CASMO gave it, so that its mean step size matches CASMO's.
+CONTROL_SUFFIX = plot_logs.CONTROL_SUFFIX
+
+
+def control_learning_rates(jobs: list[Job], config: str) -> dict[str, float]:
+    """For each network `config` drives with CASMO, the runs' lr times their mean logged
+    confidence (over all logged steps of a run, then over seeds)."""
+    rates = {}
+    runs = [job.folder for job in jobs if job.config == config]
+    for network, optimizer in zip("gd", config.split("_")):
+        if optimizer != "casmo":
+            continue
+        confidences = [
+            float(np.nanmean(plot_logs.read_numeric_csv(run / "log.csv")[f"conf_{network}"])) for run in runs
+        ]
+        lrs = {json.loads((run / "config.json").read_text())["args"][f"lr_{network}"] for run in runs}
+        if len(lrs) != 1 or not all(np.isfinite(confidences)):
+            raise ControlError(
+                f"the control of {config} needs its runs' one lr_{network} and a finite mean "
+                f"conf_{network} in log.csv; found lr {sorted(lrs)}, confidence {confidences}"
+            )
+        rates[f"lr_{network}"] = lrs.pop() * float(np.mean(confidences))
+        rates[f"conf_{network}"] = float(np.mean(confidences))
+        rates[f"conf_{network}_per_seed"] = confidences
+    return rates
+
+
+def plan_controls(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[str, list[Job]]:
+    """Per set with controlled configurations, its control set: adam_adam at each CASMO
+    configuration's mean step, same seeds. The learning rates are kept in the set's
+    control.json, so a resumed control runs with the rates it started with."""
+    controls = {}
+    for name, make_job in (("toy2d", toy_job), (dcgan_set(args), dcgan_job)):
+        jobs = sets.get(name, [])
+        configs = [config for config in args.control_configs if any(job.config == config for job in jobs)]
+        if not configs:
+            continue
+        folder = args.out / f"{name}{CONTROL_SUFFIX}"
+        record_path = folder / "control.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        for config in configs:
+            record.setdefault(config, control_learning_rates(jobs, config))
+        folder.mkdir(parents=True, exist_ok=True)
+        gan_common.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+        controls[folder.name] = []
+        for config in configs:
+            rates = record[config]
+            options = ["--label", config + CONTROL_SUFFIX]
+            options += [
+                item
+                for key in ("lr_g", "lr_d")
+                if key in rates
+                for item in (f"--{key.replace('_', '-')}", repr(rates[key]))
+            ]
+            options += ["--robustness", str(DEFAULT_ROBUSTNESS)] if make_job is toy_job else []
+            for job in jobs:
+                if job.config == config:
+                    control = make_job(
+                        args,
+                        folder / f"{config}{CONTROL_SUFFIX}-s{job.seed}",
+                        "adam_adam",
+                        job.seed,
+                        *options,
+                    )
+                    control.config = config + CONTROL_SUFFIX
+                    controls[folder.name].append(control)
+    return controls
 
 
 def state(job: Job) -> str:
@@ -229,14 +362,53 @@ TOY_COLUMNS = [
     ("steps/s", "steps_per_sec_median"),
 ]
 DCGAN_COLUMNS = [
-    ("diversity ratio (final)", "diversity_ratio_final"),
     ("D loss (final)", "d_final"),
     ("G loss (final)", "g_final"),
     ("G loss std", "g_std"),
     ("D-dominated share", "d_dominated_share"),
     ("D collapsed", "d_collapsed"),
+    ("stabilised", "stabilised"),
+    ("wild oscillation", "wild_oscillation"),
     ("steps/s", "steps_per_sec_median"),
 ]
+# With 95% t-intervals over seeds.
+DCGAN_QUALITY_COLUMNS = [
+    (f"{title}{suffix_title}", f"{column}{suffix}_final")
+    for suffix, suffix_title in (("", ""), ("_ema", ", EMA G"))
+    for title, column in (
+        ("KID ×1000", "kid"),
+        ("FID", "fid"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("modes (of 36)", "modes_covered"),
+    )
+]
+
+
+def set_caption(args: argparse.Namespace, name: str) -> str:
+    dcgan = (
+        f"DCGAN on {args.dataset}, subset {args.subset}, batch 16, "
+        + (f"{args.dcgan_steps} steps" if args.dcgan_steps else f"{args.dcgan_epochs} epochs")
+        + f", --amp {args.amp}{', channels_last' if args.channels_last else ''}, sample quality of "
+        f"{args.eval_samples} images every {args.eval_every} steps"
+        + (f", EMA G (decay {args.g_ema})" if args.g_ema else "")
+    )
+    control = (
+        "The control: Adam on both networks, with the learning rate of each network that the "
+        "CASMO configuration drives with CASMO multiplied by the mean confidence CASMO logged for "
+        "it (control.json), same seeds; shown with the main grid's runs."
+    )
+    captions = {
+        "toy2d": f"Semicircle toy, {args.toy_epochs} epochs, seeds 0-{args.toy_seeds - 1}, robustness 0.5.",
+        dcgan_set(args): f"{dcgan}, seeds 0-{args.dcgan_seeds - 1}.",
+        f"toy2d{CONTROL_SUFFIX}": f"Semicircle toy. {control}",
+        f"{dcgan_set(args)}{CONTROL_SUFFIX}": f"{dcgan}. {control}",
+        "toy2d-robustness": f"Robustness sweep on the toy, {args.toy_epochs} epochs, "
+        f"seeds 0-{args.sweep_seeds - 1} (robustness 0.5: the main grid's runs of the same seeds).",
+        f"{dcgan_set(args)}-robustness": f"Robustness sweep on the DCGAN ({dcgan}), the CASMO configuration "
+        f"with the lowest final KID of EMA G, seeds 0-{args.sweep_seeds - 1} (0.5: the main grid's runs).",
+    }
+    return captions[name]
 
 
 def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: dict[str, list[dict]]) -> Path:
@@ -249,22 +421,21 @@ def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: di
         "",
         f"Measured {record['date']} on {record['cpu']} ({record['cpu_cores']} cores){gpu}; "
         f"Python {record['python']}, torch {record['torch']}; command `{record['command']}`.",
-        "Every number is mean ± sample std over seeds (plot_logs.py's summary.csv, configuration rows).",
+        "Losses and checks: mean ± sample std over seeds; sample quality: mean [95% t-interval "
+        "over seeds] (plot_logs.py's summary.csv, configuration rows).",
         "",
     ]
-    captions = {
-        "toy2d": f"Semicircle toy, {args.toy_epochs} epochs, seeds 0-{args.toy_seeds - 1}, robustness 0.5.",
-        f"dcgan-{args.dataset}": f"DCGAN on {args.dataset}, subset {args.subset}, batch 16, "
-        + (f"{args.dcgan_steps} steps" if args.dcgan_steps else f"{args.dcgan_epochs} epochs")
-        + f", seeds 0-{args.dcgan_seeds - 1}.",
-        "toy2d-robustness": f"Robustness sweep on the toy, {args.toy_epochs} epochs, "
-        f"seeds 0-{args.sweep_seeds - 1} (robustness 0.5: the main grid's runs of the same seeds).",
-    }
     for name in sets:
-        columns = DCGAN_COLUMNS if name.startswith("dcgan") else TOY_COLUMNS
-        lines += [f"## {name}", "", captions[name], ""]
         configurations = [row for row in rows[name] if row["scope"] == "configuration"]
-        lines += plot_logs.markdown_table(configurations, columns) + [""]
+        lines += [f"## {name}", "", set_caption(args, name), ""]
+        if name.startswith("dcgan"):
+            lines += plot_logs.markdown_table(configurations, DCGAN_COLUMNS) + [""]
+            lines += plot_logs.markdown_table(
+                configurations, DCGAN_QUALITY_COLUMNS, cell=plot_logs.interval_cell
+            )
+        else:
+            lines += plot_logs.markdown_table(configurations, TOY_COLUMNS)
+        lines += [""]
     lines += [
         "Definitions: plot_logs.py's summary.md in each plots folder. *final*: the last evaluation "
         "(quality) or the mean of the last 10% of logged steps (losses); *G loss std*: over all "
@@ -277,54 +448,99 @@ def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: di
     return path
 
 
+def plan_dcgan_sweep(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[str, list[Job]]:
+    """The DCGAN's robustness sweep, for the CASMO configuration of the main grid with the
+    lowest mean final KID of its EMA generator (of G without --g-ema)."""
+    jobs = [job for job in sets.get(dcgan_set(args), []) if "casmo" in job.config]
+    if not args.dcgan_sweep_robustness or not jobs:
+        return {}
+    column = "kid_ema" if args.g_ema else "kid"
+
+    def final_kid(config: str) -> float:
+        runs = [job.folder for job in jobs if job.config == config]
+        return float(np.mean([plot_logs.read_numeric_csv(run / "quality.csv")[column][-1] for run in runs]))
+
+    best = min(sorted({job.config for job in jobs}), key=final_kid)
+    name = f"{dcgan_set(args)}-robustness"
+    return {
+        name: [
+            dcgan_job(
+                args, args.out / name / f"{best}-r{value:g}-s{seed}", best, seed, "--robustness", str(value)
+            )
+            for value in args.dcgan_sweep_robustness
+            for seed in range(args.sweep_seeds)
+        ]
+    }
+
+
+def run_phases(args: argparse.Namespace, log_dir: Path) -> dict[str, list[Job]] | None:
+    """The main grid, then what is derived from it (controls, the DCGAN sweep); the sets
+    run, or None when a run failed."""
+    sets = plan(args)
+    for phase in (lambda: sets, lambda: {**plan_controls(args, sets), **plan_dcgan_sweep(args, sets)}):
+        new_sets = phase()
+        sets.update(new_sets)
+        failed = run_all([job for jobs in new_sets.values() for job in jobs], args, log_dir)
+        if failed:
+            print(f"{len(failed)} run(s) failed; fix the cause and run the same command again to resume:")
+            for job, log_path in failed:
+                print(f"  {job.name}: {log_path}")
+            return None
+    return sets
+
+
+def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[str, list[dict]]:
+    """plot_logs.py's figures and tables per set, into OUT/plots/<set>/; a control set and a
+    sweep are drawn with the runs they are compared against."""
+    plots, rows = args.out / "plots", {}
+    for name, set_jobs in sets.items():
+        folders = [str(job.folder) for job in set_jobs]
+        extra = []
+        base = name.removesuffix(CONTROL_SUFFIX).removesuffix("-robustness")
+        if name.endswith(CONTROL_SUFFIX):
+            folders += [str(job.folder) for job in sets[base]]
+        elif name.endswith("-robustness"):
+            sweep = {job.config for job in set_jobs}
+            seeds = {job.seed for job in set_jobs}
+            folders += [str(job.folder) for job in sets[base] if job.config in sweep and job.seed in seeds]
+            extra = ["--group-by", "robustness"]
+        rows[name] = plot_logs.report(plot_logs.parse_args([*folders, "--out", str(plots / name), *extra]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sets = plan(args)
-    jobs = [job for set_jobs in sets.values() for job in set_jobs]
     if args.dry_run:
-        for job in jobs:
+        for job in [job for set_jobs in plan(args).values() for job in set_jobs]:
             print(f"{state(job):8} {job.folder}")
+        print("then: the controls and the DCGAN sweep, planned from these runs' results")
         return 0
     log_dir = args.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         prepare_data(args)
-    except (train_dcgan.DataError, sample_quality.SampleQualityError) as error:
+        sets = run_phases(args, log_dir)
+        if sets is None:
+            return 1
+        rows = report_sets(args, sets)
+    except (
+        train_dcgan.DataError,
+        sample_quality.SampleQualityError,
+        ControlError,
+        plot_logs.NotARun,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    try:
-        failed = run_all(jobs, args, log_dir)
     except KeyboardInterrupt:
         print("stopped; the runs saved checkpoints: run the same command again to continue", file=sys.stderr)
         return 130
-    if failed:
-        print(f"{len(failed)} run(s) failed; fix the cause and run the same command again to resume:")
-        for job, log_path in failed:
-            print(f"  {job.name}: {log_path}")
-        return 1
-    plots, rows = args.out / "plots", {}
-    for name, set_jobs in sets.items():
-        folders = [str(job.folder) for job in set_jobs]
-        extra = []
-        if name == "toy2d-robustness":
-            # The sweep's 0.5 points are the main grid's runs of the same configurations and seeds.
-            folders += [
-                str(job.folder)
-                for job in sets.get("toy2d", [])
-                if job.config in args.sweep_configs and job.seed < args.sweep_seeds
-            ]
-            extra = ["--group-by", "robustness"]
-        try:
-            rows[name] = plot_logs.report(
-                plot_logs.parse_args([*folders, "--out", str(plots / name), *extra])
-            )
-        except plot_logs.NotARun as error:
-            print(f"plot_logs.py failed on {name}: {error}", file=sys.stderr)
-            return 1
     results = write_results(args, sets, rows)
     minutes = (time.perf_counter() - started) / 60
-    print(f"grid done in {minutes:.0f} min: {len(jobs)} runs in {args.out}/, figures in {plots}/<set>/")
+    runs = sum(len(jobs) for jobs in sets.values())
+    print(
+        f"grid done in {minutes:.0f} min: {runs} runs in {args.out}/, figures in {args.out / 'plots'}/<set>/"
+    )
     print(f"results table: {results}")
     return 0
 

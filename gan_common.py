@@ -80,6 +80,12 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> Non
     parser.add_argument("--robustness", type=float, default=0.5, help="CASMO: exponent on trust (0 = off)")
     parser.add_argument("--c-min", type=float, default=0.1, help="CASMO: floor of trust, in [0, 1]")
     parser.add_argument("--rel-floor", type=float, default=0.1, help="CASMO: floor of focus, in [0, 1]")
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="the run's configuration name in plot_logs.py's figures and tables "
+        "(default <g-opt>_<d-opt>), e.g. to tell a control experiment from plain Adam",
+    )
 
 
 def make_optimizer(name: str, params, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:

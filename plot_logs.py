@@ -87,8 +87,13 @@ CONFIG_COLORS = {
     "casmo_adam": "tab:blue",
     "adam_casmo": "tab:orange",
     "casmo_casmo": "tab:green",
+    # Adam at a CASMO configuration's mean step (benchmark.py's control runs, --label).
+    "casmo_adam-control": "tab:purple",
+    "adam_casmo-control": "tab:brown",
+    "casmo_casmo-control": "tab:olive",
 }
-SPARE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
+CONTROL_SUFFIX = "-control"
+SPARE_COLORS = ("tab:pink", "tab:cyan", "tab:red", "gold")  # the named colours taken out
 
 # Arguments that may differ between seeds of one configuration without making them different experiments.
 NOT_HYPERPARAMETERS = {
@@ -257,7 +262,7 @@ def load_run(path: Path) -> Run:
         path=path,
         kind=kind,
         dataset=args.get("dataset") if kind == "dcgan" else None,
-        config=f"{args.get('g_opt', '?')}_{args.get('d_opt', '?')}",
+        config=args.get("label") or f"{args.get('g_opt', '?')}_{args.get('d_opt', '?')}",
         seed=args.get("seed"),
         args=args,
         log=log,
@@ -366,7 +371,8 @@ def sorted_runs(runs: list[Run]) -> list[Run]:
 
 def config_rank(config: str) -> tuple[int, str]:
     optimizers = config.split(" (")[0]  # without the --group-by values
-    return (CONFIG_ORDER.index(optimizers) if optimizers in CONFIG_ORDER else len(CONFIG_ORDER), config)
+    base = optimizers.removesuffix(CONTROL_SUFFIX)  # a control sorts after its configuration
+    return (CONFIG_ORDER.index(base) if base in CONFIG_ORDER else len(CONFIG_ORDER), config)
 
 
 def by_config(runs: list[Run]) -> dict[str, list[Run]]:

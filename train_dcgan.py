@@ -60,7 +60,7 @@ STABILISER_HINT = (
 )
 # Arguments a resumed run may change; the others must equal the run's own (config.json).
 RESUME_MAY_CHANGE = {
-    "epochs", "max_steps", "device", "log_every", "sample_every", "workers", "eval_every",
+    "epochs", "max_steps", "device", "channels_last", "log_every", "sample_every", "workers", "eval_every",
     "inception_weights",
 }  # fmt: skip
 # Arguments that define the training trajectory; a checkpoint must match them all.
@@ -130,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps")
     train.add_argument("--bs", type=positive_int, default=16, help="batch size")
     gan_common.add_optimizer_args(train)
-    train.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast on CUDA")
+    train.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="autocast: bf16 on the CPU or CUDA, fp16 (with a loss scaler) on CUDA",
+    )
+    train.add_argument(
+        "--channels-last", action="store_true", help="channels_last memory format for both networks"
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument(
@@ -191,8 +199,8 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace, device: torch.device) -> None:
-    if args.amp != "off" and device.type != "cuda":
-        raise RunError(f"--amp {args.amp} needs a CUDA device; leave --amp off on {device}")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise RunError(f"--amp fp16 needs a CUDA device; on {device} use --amp bf16 or leave --amp off")
     if not 0.0 <= args.d_dropout < 1.0:
         raise RunError(f"--d-dropout must lie in [0, 1), got {args.d_dropout}")
     if args.g_ema is not None and not 0.0 < args.g_ema < 1.0:
@@ -789,6 +797,9 @@ def build_nets(args: argparse.Namespace, ranks: Ranks) -> Nets:
     discriminator = Discriminator(dropout=args.d_dropout).to(ranks.device)
     generator.apply(init_weights)
     discriminator.apply(init_weights)
+    if args.channels_last:  # the layout oneDNN's convolutions prefer on the CPU
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
     if ranks.distributed and args.sync_bn:
         generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -799,7 +810,7 @@ def build_nets(args: argparse.Namespace, ranks: Ranks) -> Nets:
     opt_g = gan_common.make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
     opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
     # bf16 keeps fp32's range; only fp16 needs its losses scaled.
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    scaler = torch.amp.GradScaler(ranks.device.type, enabled=args.amp == "fp16")
     nets = Nets(generator, discriminator, opt_g, opt_d, scaler=scaler)
     if args.g_ema is not None:
         ema = torch.optim.swa_utils.get_ema_multi_avg_fn(args.g_ema)
@@ -1151,6 +1162,8 @@ def train_epochs(
         while counters.batch_in_epoch < run.steps_per_epoch and counters.step < counters.total_steps:
             start = counters.batch_in_epoch * run.global_batch + ranks.rank * args.bs
             real = to_unit(run.images[order[start : start + args.bs]])
+            if args.channels_last:
+                real = real.contiguous(memory_format=torch.channels_last)
             logged = (counters.step + 1) % args.log_every == 0
             result = train_step(run, nets, real, counters, logged)
             sums.add(result)
