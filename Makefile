@@ -39,17 +39,17 @@ $(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
 test: install
 	$(PY) -m pytest -q
 
-# The main job, small: the semicircle GAN with CASMO and with Adam on both networks, a
-# short DCGAN run on the built-in shapes data, then the figures and the summary table.
-# Each demo writes a new folder, so nothing from an earlier one is overwritten.
+# The main job, small: what the benchmark compares, on one seed. The semicircle toy and a
+# 1,000-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
+# and with CASMO on the generator (casmo_adam), two runs at a time; then the figures, among
+# them plots/dcgan-shapes/compare_samples.png (the two generators' samples side by side over
+# their KID curves), and results.md. Each demo writes a new folder.
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
-	$(PY) train_toy2d.py --g-opt adam --d-opt adam --epochs 40 --out $(DEMO)/toy2d-adam_adam-s0
-	$(PY) train_toy2d.py --g-opt casmo --d-opt casmo --epochs 40 --out $(DEMO)/toy2d-casmo_casmo-s0
-	$(PY) train_dcgan.py --dataset shapes --subset 2048 --g-opt casmo --d-opt casmo --max-steps 300 \
-		--log-every 10 --sample-every 100 --data-root data --out $(DEMO)/dcgan-shapes-casmo_casmo-s0
-	$(PY) plot_logs.py $(DEMO) --out $(DEMO)/plots
-	@echo "demo: runs, sample grids, figures and summary.md in $(DEMO)"
+	$(PY) benchmark.py --out $(DEMO) --configs adam_adam casmo_adam --toy-seeds 1 --toy-epochs 40 \
+		--dcgan-seeds 1 --dcgan-steps 1000 --eval-every 200 --eval-samples 500 --g-ema 0 \
+		--control-configs --sweep-robustness --dcgan-sweep-robustness
+	@echo "demo: samples side by side with their KID in $(DEMO)/plots/dcgan-shapes/compare_samples.png"
 
 bench: install
 	$(PY) -m casmo_ext.bench
@@ -66,8 +66,8 @@ throughput: install
 	$(PY) plot_logs.py $(THROUGHPUT) --out $(THROUGHPUT)/plots
 
 # The benchmark's evidence: the four configurations over several seeds on the toy and the
-# shapes DCGAN, a robustness sweep, figures and results.md in runs/benchmark (about two
-# hours on 2 cores). Finished runs are kept and interrupted ones resumed, so it can be
+# shapes DCGAN, the step-size control, robustness sweeps, figures and results.md in
+# runs/benchmark (about four hours on 2 cores). Finished runs are kept and interrupted ones resumed, so it can be
 # stopped and started again. benchmark-small is a quick look; pass more options in ARGS,
 # e.g. make benchmark ARGS="--dataset tinyimagenet --dcgan-steps 0 --device cuda".
 ARGS ?=

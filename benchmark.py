@@ -1,16 +1,19 @@
 """The GAN-stability benchmark in one command: the four optimizer configurations (adam_adam,
 casmo_adam, adam_casmo, casmo_casmo) over several seeds, on the semicircle toy and the
-DCGAN, a robustness sweep of CASMO on the toy, then plot_logs.py's figures and one results
-table with the machine, versions and date it was measured on.
+DCGAN; then, from their results, the control (Adam at each CASMO configuration's mean
+step) and robustness sweeps; then plot_logs.py's figures and one results table with the
+machine, versions and date it was measured on.
 
-    python benchmark.py                  # the CPU grid (about 2 hours on 2 cores)
+    python benchmark.py                  # the CPU grid (about 4 hours on 2 cores)
     python benchmark.py --small          # a quick look (about 20 minutes on 2 cores)
-    python benchmark.py --dataset tinyimagenet --dcgan-steps 0 --device cuda   # the full DCGAN
+    python benchmark.py --dataset tinyimagenet --subset 20000 --dcgan-steps 0 --eval-every 1250 \
+        --device cuda                    # the full DCGAN (50 epochs, evaluated each epoch)
 
 Runs go to OUT/<set>/<configuration>-s<seed>/, each its own process (one thread on the CPU,
 so its numbers do not depend on the core count). A finished run is skipped and an
 interrupted one resumed, so the command can be stopped and started again. Each run's console
-output is in OUT/logs/. The figures and tables are in OUT/plots/; the results in OUT/results.md.
+output is in OUT/logs/. The figures and tables are in OUT/plots/; the results in OUT/results.md;
+with --publish DIR, what redraws them without the checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import gan_common
@@ -110,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="runs side by side (default: the number of CPU cores on the CPU, 1 on a GPU)",
+    )
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy what redraws every table and figure into DIR (logs, configs, grids as "
+        "JPEG; no checkpoints), e.g. docs/results",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
     args = parser.parse_args(argv)
@@ -376,11 +388,11 @@ DCGAN_QUALITY_COLUMNS = [
     (f"{title}{suffix_title}", f"{column}{suffix}_final")
     for suffix, suffix_title in (("", ""), ("_ema", ", EMA G"))
     for title, column in (
-        ("KID ×1000", "kid"),
+        ("KID", "kid"),
         ("FID", "fid"),
         ("precision", "precision"),
         ("recall", "recall"),
-        ("modes (of 36)", "modes_covered"),
+        ("modes", "modes_covered"),
     )
 ]
 
@@ -508,6 +520,40 @@ def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[st
     return rows
 
 
+PUBLISHED_FILES = ("config.json", "log.csv", "quality.csv")
+
+
+def publish(args: argparse.Namespace, sets: dict[str, list[Job]]) -> None:
+    """Copies into args.publish, in OUT's layout, what plot_logs.py needs to redraw every table
+    and figure: per run its config.json, log.csv, quality.csv and final grids, the first seed's
+    grids at the steps compare_samples.png shows; per set its control.json; results.md."""
+    for name, jobs in sets.items():
+        for job in jobs:
+            target = args.publish / name / job.folder.name
+            target.mkdir(parents=True, exist_ok=True)
+            for filename in PUBLISHED_FILES:
+                if (job.folder / filename).is_file():
+                    shutil.copyfile(job.folder / filename, target / filename)
+            grids = {
+                "final": job.folder / "samples" / "final.png",
+                "ema/final": job.folder / "samples" / "ema" / "final.png",
+            }
+            if job.seed == 0:
+                by_step = plot_logs.step_grids(job.folder)
+                grids |= {
+                    f"step_{step:06d}": by_step[step] for step in plot_logs.side_by_side_steps(list(by_step))
+                }
+            for stem, source in grids.items():
+                if source.is_file():  # JPEG: a fraction of the PNG, and the grids are for looking at
+                    (target / "samples" / stem).parent.mkdir(parents=True, exist_ok=True)
+                    Image.open(source).convert("RGB").save(target / "samples" / f"{stem}.jpg", quality=90)
+        if (args.out / name / "control.json").is_file():
+            shutil.copyfile(args.out / name / "control.json", args.publish / name / "control.json")
+    for filename in ("results.md", "machine.json"):
+        shutil.copyfile(args.out / filename, args.publish / filename)
+    print(f"published the runs' logs, configurations and grids in {args.publish}/")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -536,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped; the runs saved checkpoints: run the same command again to continue", file=sys.stderr)
         return 130
     results = write_results(args, sets, rows)
+    if args.publish:
+        publish(args, sets)
     minutes = (time.perf_counter() - started) / 60
     runs = sum(len(jobs) for jobs in sets.values())
     print(

@@ -745,7 +745,66 @@ def plot_comparisons(runs: list[Run], out: Path, prefix: str, smooth: float) -> 
         path = out / f"{prefix}{filename}"
         draw_figure(path, f"{title}: {what}, mean ± std over seeds", panels, draw)
         written.append(path)
+    if runs[0].kind == "dcgan" and plot_samples_side_by_side(
+        groups, out / f"{prefix}compare_samples.png", what
+    ):
+        written.append(out / f"{prefix}compare_samples.png")
     return written
+
+
+SIDE_BY_SIDE_ROWS = 4  # steps shown in compare_samples.png
+
+
+def step_grids(run_dir: Path) -> dict[int, Path]:
+    """The run's sample grids of --sample-every / --eval-every, by step (PNG as the script
+    writes them, or JPEG as benchmark.py --publish keeps them)."""
+    grids = {}
+    for path in [*(run_dir / "samples").glob("step_*.png"), *(run_dir / "samples").glob("step_*.jpg")]:
+        step = path.stem.removeprefix("step_")
+        if step.isdigit():
+            grids[int(step)] = path
+    return grids
+
+
+def side_by_side_steps(steps: list[int]) -> list[int]:
+    """The steps compare_samples.png shows: evenly spread, the first and the last included."""
+    steps = sorted(steps)
+    picks = np.linspace(0, len(steps) - 1, min(SIDE_BY_SIDE_ROWS, len(steps)))
+    return sorted({steps[round(index)] for index in picks})
+
+
+def plot_samples_side_by_side(groups: dict[str, list[Run]], path: Path, what: str) -> bool:
+    """compare_samples.png: per configuration (its first seed), the sample grids at a few steps
+    every configuration has, above the configurations' KID curves. False when there are no
+    common steps or no KID to draw."""
+    firsts = {config: seeds[0] for config, seeds in groups.items()}
+    grids = {config: step_grids(run.path) for config, run in firsts.items()}
+    common = sorted(set.intersection(*(set(by_step) for by_step in grids.values())))
+    kid_panel = DCGAN_MEASURE_PANELS[0]
+    if not common or not any(run.quality is not None for seeds in groups.values() for run in seeds):
+        return False
+    steps = side_by_side_steps(common)
+    width = max(2.4 * len(groups), 7)
+    fig = plt.figure(figsize=(width, 2.4 * len(steps) + 4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(2.4 * len(steps), 4))
+    axes = top.subplots(len(steps), len(groups), squeeze=False)
+    for column, (config, run) in enumerate(firsts.items()):
+        final_kid = np.nanmean([run.quality["kid"][-1] for run in groups[config] if run.quality is not None])
+        axes[0][column].set_title(f"{config}, seed {run.seed}\nfinal KID {number(final_kid)}", fontsize=9)
+        for row, step in enumerate(steps):
+            ax = axes[row][column]
+            ax.imshow(plt.imread(grids[config][step]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(f"step {step}")
+    ax = bottom.subplots()
+    decorate(ax, kid_panel, drew=draw_compare_panel(ax, groups, kid_panel, tau=0.0))
+    ax.legend(*zip(*unique_legend_entries([ax])), fontsize=8, ncol=2)
+    fig.suptitle(f"Samples of G and its KID (mean ± std over seeds, dashed: EMA G): {what}")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
 
 
 def draw_compare_panel(ax, groups: dict[str, list[Run]], panel: Panel, tau: float) -> bool:

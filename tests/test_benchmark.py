@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import benchmark
+import plot_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -28,7 +31,8 @@ TINY = [
     "--subset",
     "32",
 ]
-TINY += ["--sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
+TINY += ["--eval-every", "5", "--eval-samples", "32", "--control-configs", "casmo_adam"]
+TINY += ["--sweep-robustness", "0", "--dcgan-sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
 
 
 def test_default_grid_is_four_configurations_by_several_seeds():
@@ -40,7 +44,10 @@ def test_default_grid_is_four_configurations_by_several_seeds():
         "--epochs" in job.command and job.command[job.command.index("--epochs") + 1] == "200" for job in toy
     )
     casmo_casmo = next(job.command for job in sets["dcgan-shapes"] if job.config == "casmo_casmo")
-    assert casmo_casmo[casmo_casmo.index("--g-opt") + 1] == "casmo" and "--max-steps" in casmo_casmo
+    assert casmo_casmo[casmo_casmo.index("--g-opt") + 1] == "casmo"
+    options = " ".join(casmo_casmo)
+    for option in ("--max-steps 2000", "--eval-every 250", "--g-ema 0.999", "--amp bf16", "--channels-last"):
+        assert option in options
     sweep = {job.command[job.command.index("--robustness") + 1] for job in sets["toy2d-robustness"]}
     assert sweep == {"0.0", "1.0"}
 
@@ -48,6 +55,7 @@ def test_default_grid_is_four_configurations_by_several_seeds():
 def test_small_grid_and_full_dcgan_budget():
     small = benchmark.parse_args(["--small"])
     assert (small.toy_seeds, small.toy_epochs, small.dcgan_seeds, small.sweep_robustness) == (2, 60, 1, [])
+    assert (small.control_configs, small.dcgan_sweep_robustness) == ([], [])
     assert small.out == Path("runs/benchmark-small")
     full = benchmark.plan(
         benchmark.parse_args(["--dataset", "tinyimagenet", "--dcgan-steps", "0", "--device", "cuda"])
@@ -70,7 +78,9 @@ def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, shapes_data_root) -> Path:
     out = tmp_path_factory.mktemp("grid")
-    result = run_benchmark("--out", str(out), "--data-root", str(shapes_data_root))
+    result = run_benchmark(
+        "--out", str(out), "--data-root", str(shapes_data_root), "--publish", str(out / "published")
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -82,12 +92,46 @@ def test_grid_writes_runs_figures_and_results(grid):
         assert (grid / "plots" / name / "comparison_2x2.png").is_file()
     results = (grid / "results.md").read_text()
     for config in benchmark.CONFIGS:
-        assert results.count(f"| **{config}** | 0 |") == 2  # a row in the toy and in the DCGAN table
+        # A row in the toy table, the DCGAN's two, and again in the control sets' tables.
+        assert results.count(f"| **{config}** | 0 |") == 6
     assert (
         "| **casmo_casmo (robustness=0.0)** | 0 |" in results
         and "| **casmo_casmo (robustness=0.5)** | 0 |" in results
     )
     assert "torch 2." in results and (grid / "machine.json").is_file()
+
+
+def test_the_control_is_adam_at_casmos_mean_step(grid):
+    for name, default_lr in (("toy2d", 2e-4), ("dcgan-shapes", 2e-4)):
+        casmo = grid / name / "casmo_adam-s0"
+        confidence = plot_logs.read_numeric_csv(casmo / "log.csv")["conf_g"]
+        assert np.isfinite(confidence).sum() > 0
+        record = json.loads((grid / f"{name}-control" / "control.json").read_text())["casmo_adam"]
+        assert record["lr_g"] == pytest.approx(default_lr * np.nanmean(confidence), rel=1e-12)
+        control = json.loads((grid / f"{name}-control" / "casmo_adam-control-s0" / "config.json").read_text())
+        args = control["args"]
+        assert (args["g_opt"], args["d_opt"], args["label"]) == ("adam", "adam", "casmo_adam-control")
+        assert (args["lr_g"], args["lr_d"]) == (pytest.approx(record["lr_g"], rel=1e-12), default_lr)
+    results = (grid / "results.md").read_text()
+    assert results.count("| **casmo_adam-control** | 0 |") == 3  # toy, DCGAN losses, DCGAN quality
+    assert "## dcgan-shapes-robustness" in results and "(robustness=0.0)** | 0 |" in results
+    assert (grid / "plots" / "dcgan-shapes-control" / "compare_samples.png").is_file()
+
+
+def test_published_outputs_redraw_the_same_tables(grid, tmp_path):
+    published = grid / "published"
+    assert not list(published.rglob("checkpoint.pt")) and (published / "results.md").is_file()
+    assert (published / "dcgan-shapes-control" / "control.json").is_file()
+    run = published / "dcgan-shapes" / "casmo_adam-s0"
+    steps = plot_logs.step_grids(grid / "dcgan-shapes" / "casmo_adam-s0")  # fewer than 4: all shown
+    expected = {"final.jpg", "ema/final.jpg"} | {f"step_{step:06d}.jpg" for step in steps}
+    published_grids = {str(path.relative_to(run / "samples")) for path in (run / "samples").rglob("*.jpg")}
+    assert steps and published_grids == expected
+    folders = [published / "dcgan-shapes-control", published / "dcgan-shapes"]
+    plot_logs.report(plot_logs.parse_args([*map(str, folders), "--out", str(tmp_path / "redrawn")]))
+    redrawn = (tmp_path / "redrawn" / "summary.csv").read_text()
+    assert redrawn == (grid / "plots" / "dcgan-shapes-control" / "summary.csv").read_text()
+    assert (tmp_path / "redrawn" / "compare_samples.png").is_file()
 
 
 def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, shapes_data_root):
@@ -103,6 +147,7 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     result = run_benchmark("--out", str(grid), "--data-root", str(shapes_data_root), "--toy-epochs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "8 of 9 runs done before; 1 to run" in result.stdout
+    assert "3 of 3 runs done before; 0 to run" in result.stdout  # the controls and the DCGAN sweep
     assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()
     assert (folder / benchmark.DONE_MARKER).is_file()
     epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]
@@ -110,7 +155,16 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
 
 
 def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path):
-    toy_only = ["--toy-seeds", "1", "--toy-epochs", "3", "--dcgan-seeds", "0", "--sweep-robustness"]
+    toy_only = [
+        "--toy-seeds",
+        "1",
+        "--toy-epochs",
+        "3",
+        "--dcgan-seeds",
+        "0",
+        "--sweep-robustness",
+        "--control-configs",
+    ]
     command = [sys.executable, "benchmark.py", *toy_only, "--jobs", "2", "--out", str(tmp_path)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     grid = subprocess.Popen(

@@ -245,9 +245,9 @@ def fails_in_process(capsys, argv, phrase):
         ("zero batch", ["--bs", "0"], "must be a positive integer"),
         ("negative subset", ["--subset", "-5"], "must be a positive integer"),
         (
-            "amp on the cpu",
-            ["--dataset", "shapes", "--device", "cpu", "--amp", "bf16"],
-            "needs a CUDA device",
+            "fp16 on the cpu",
+            ["--dataset", "shapes", "--device", "cpu", "--amp", "fp16"],
+            "--amp fp16 needs a CUDA device; on cpu use --amp bf16",
         ),
         ("bad label range", ["--dataset", "shapes", "--real-label-range", "1.0", "0.7"], "LO <= HI"),
     ],
@@ -439,3 +439,26 @@ def test_offline_inception_stops_before_training(fake_data, tmp_path, capsys):
         "--inception-weights",
     )
     assert not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_root, tmp_path):
+    common = ["--dataset", "shapes", "--subset", 48, "--bs", 8, "--log-every", 1, "--g-opt", "casmo",
+              "--data-root", shapes_data_root]  # fmt: skip
+    fast = [*common, "--amp", "bf16", "--channels-last"]
+    check_ok(run(*fast, "--max-steps", 2, "--out", tmp_path / "split"))
+    check_ok(run(*fast, "--max-steps", 4, "--resume", tmp_path / "split"))
+    check_ok(run(*fast, "--max-steps", 4, "--out", tmp_path / "whole"))
+    check_ok(run(*common, "--max-steps", 4, "--out", tmp_path / "fp32"))
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    # Weights only: BatchNorm's running statistics also saw the split run's extra final grid.
+    for name, tensor in whole["generator"].items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(split["generator"][name], tensor), name
+            assert tensor.dtype == torch.float32, name  # autocast computes in bf16, keeps fp32 weights
+    assert untimed(tmp_path / "split" / "log.csv") == untimed(tmp_path / "whole" / "log.csv")
+    # Autocast did run: bf16 arithmetic gives other losses than fp32 from the same seed.
+    fast_losses = [row["loss_g"] for row in read_csv(tmp_path / "whole" / "log.csv")]
+    assert fast_losses != [row["loss_g"] for row in read_csv(tmp_path / "fp32" / "log.csv")]
+    args = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
+    assert (args["amp"], args["channels_last"]) == ("bf16", True)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -496,3 +497,32 @@ def test_group_by_splits_a_configuration_by_an_argument(tmp_path):
         row["name"]: row["seeds"] for row in summary_rows(tmp_path / "out") if row["scope"] == "configuration"
     }
     assert seeds == {"casmo_adam (robustness=0.0)": "0,1", "casmo_adam (robustness=1.0)": "0"}
+
+
+def test_a_labelled_run_is_its_own_configuration_and_dcgan_grids_go_side_by_side(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, g_opt, label in (
+        ("adam", "adam", None),
+        ("control", "adam", "casmo_adam-control"),
+        ("casmo", "casmo", None),
+    ):
+        run = make_run(tmp_path / "runs" / name, script="train_dcgan.py", g_opt=g_opt)
+        if label:
+            config = json.loads((run / "config.json").read_text())
+            config["args"]["label"] = label
+            (run / "config.json").write_text(json.dumps(config))
+        (run / "samples").mkdir()
+        for step in (100, 200, 300):
+            plt.imsave(run / "samples" / f"step_{step:06d}.png", rng.random((16, 16, 3)))
+    (tmp_path / "runs" / "casmo" / "samples" / "step_000100.png").unlink()  # not a step of every run
+    code, printed = run_main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert code == 0, printed
+    names = [row["name"] for row in summary_rows(tmp_path / "out") if row["scope"] == "configuration"]
+    assert names == [
+        "adam_adam",
+        "casmo_adam",
+        "casmo_adam-control",
+    ]  # a control sorts after its configuration
+    assert is_png(tmp_path / "out" / "compare_samples.png")
+    assert plot_logs.step_grids(tmp_path / "runs" / "casmo").keys() == {200, 300}
+    assert plot_logs.side_by_side_steps(list(range(250, 2001, 250))) == [250, 750, 1500, 2000]
