@@ -242,8 +242,11 @@ class CASMO(torch.optim.Optimizer):
         return loss
 
     def _check_not_captured(self) -> None:
-        """Host step counts would be frozen into a CUDA graph: refuse, as torch.optim does."""
-        if all(group["capturable"] for group in self.param_groups) or not torch.cuda.is_available():
+        """Host step counts would be frozen into a CUDA graph: refuse, as torch.optim does
+        (not while compiling, where step counts are tensors)."""
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return
+        if all(group["capturable"] for group in self.param_groups):
             return
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
