@@ -3,6 +3,7 @@ that the build compiled them where CI expects it to."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -26,6 +27,17 @@ def cuda_test(fn):
     for mark in needs_cuda:
         fn = mark(fn)
     return fn
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Raises on any operation that waits for the GPU inside the block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def make_params(dtype, seed=0, sizes=SIZES):
@@ -83,12 +95,8 @@ def test_no_host_sync_in_step():
         for p, g in zip(params, make_grads(params, 1)):
             p.grad = g
         optimizer.step()  # creates the state
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             optimizer.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda_test
@@ -268,12 +276,8 @@ def test_grad_scaler_skips_an_inf_step_without_a_host_sync():
         p.grad = torch.full_like(p, float("inf"))
     opt.grad_scale = torch.tensor(1024.0, device="cuda")
     opt.found_inf = torch.tensor(1.0, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for p, (old_p, old_m, old_step) in zip(model.parameters(), before):
         assert torch.equal(p, old_p) and torch.equal(opt.state[p]["m"], old_m)
         assert torch.equal(opt.state[p]["step"], old_step) and old_step.item() == 2

@@ -8,19 +8,9 @@ import copy
 
 import pytest
 import torch
+from backends import BACKENDS, needs_emulation, needs_kernel
 
-import casmo_ext
 from casmo_ext import CASMO, _kernels
-
-needs_kernel = pytest.mark.skipif(not casmo_ext.build_info()["cpu_kernel"], reason="casmo_ext._C not built")
-needs_emulation = pytest.mark.skipif(
-    not casmo_ext.build_info()["cuda_emulation"], reason="built without the CUDA emulation"
-)
-BACKENDS = [
-    pytest.param(dict(fused=True), marks=needs_kernel, id="kernel"),
-    pytest.param(dict(fused=False), id="foreach"),
-    pytest.param(dict(fused=False, foreach=False), id="reference"),
-]
 
 
 def make_model(seed=0):
