@@ -4,7 +4,6 @@ group with one fused kernel call per (device, dtype)."""
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from typing import Any, Callable, Optional
 
 import torch
@@ -74,7 +73,17 @@ class CASMO(torch.optim.Optimizer):
             shrink by the 0.1% per step of beta2 = 0.999 (under half an ulp). These
             tensors take the fallback (`foreach`): the kernels take one dtype per tensor.
         differentiable: only False; the step is not differentiable.
+
+    Mixed precision: `torch.amp.GradScaler` hands step() its scale and found_inf, as to
+    torch's fused Adam: the step unscales the gradients itself and skips (leaving
+    parameters, state and group_metrics as they were) when found_inf is set; on a GPU
+    without a host sync. `nan_guard` then leaves non-finite gradients to the scaler.
+    Under torch.compile, step counts are tensors (an int would recompile every step);
+    state_dict() still gives int `step`s, as the public package does.
     """
+
+    # torch.amp.GradScaler sets `grad_scale` and `found_inf` on the optimizer before step().
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -129,15 +138,19 @@ class CASMO(torch.optim.Optimizer):
                 f"({_kernels._IMPORT_ERROR}); {_kernels.BUILD_HINT}."
             )
         self._fused = fused
+        # Per group index (one key per group from the start, so torch.compile's guards on
+        # this dict hold from step to step), per device: the float64 tensor [sum agar_i,
+        # sum C_i, element count] of the group's last step. group_metrics() reads them.
+        self._metrics: dict[int, dict[torch.device, torch.Tensor]] = {}
+        # Whether a step count may be a Python int (torch.compile's _init_group needs tensors).
+        self._int_steps = False
         super().__init__(params, defaults)
-        # Per group: the device tensors [sum agar_i, sum C_i] of the last step and the
-        # element count. Kept on the device; group_metrics() reads them.
-        self._metrics: dict[int, tuple[list[torch.Tensor], int]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         # Validated before torch appends it, so an invalid group is not kept.
         _validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        self._metrics.setdefault(len(self.param_groups) - 1, {})
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -161,18 +174,34 @@ class CASMO(torch.optim.Optimizer):
             group.setdefault("foreach", None)
         if not hasattr(self, "_metrics"):
             self._metrics = {}
+        for group_idx in range(len(self.param_groups)):
+            self._metrics.setdefault(group_idx, {})
+        # A checkpoint of the public package, or of an eager run, holds ints.
+        self._int_steps = any(isinstance(state.get("step"), int) for state in self.state.values())
+
+    def state_dict(self) -> dict:
+        packed = super().state_dict()
+        # Step counts become tensors while compiling and under a GradScaler on a GPU;
+        # checkpoints keep the public package's int (capturable groups keep tensors).
+        for group in packed["param_groups"]:
+            if group["capturable"]:
+                continue
+            for index in group["params"]:
+                state = packed["state"].get(index)
+                if state is not None and isinstance(state.get("step"), torch.Tensor):
+                    packed["state"][index] = {**state, "step": int(state["step"].item())}
+        return packed
 
     def group_metrics(self, group_idx: int = 0) -> dict[str, Optional[float]]:
         """The element-weighted mean AGAR and confidence of group `group_idx` at the
         last step it took (None before its first, or when its stepped tensors have no
         elements). This reads the device."""
-        sums, count = self._metrics.get(group_idx, ([], 0))
+        agar_sum = conf_sum = count = 0.0
+        for totals in self._metrics.get(group_idx, {}).values():
+            a, c, n = totals.tolist()
+            agar_sum, conf_sum, count = agar_sum + a, conf_sum + c, count + n
         if count == 0:
             return {"agar": None, "confidence": None}
-        agar_sum = conf_sum = 0.0
-        for pair in sums:
-            a, c = pair.tolist()
-            agar_sum, conf_sum = agar_sum + a, conf_sum + c
         return {"agar": agar_sum / count, "confidence": conf_sum / count}
 
     @torch.no_grad()
@@ -183,6 +212,7 @@ class CASMO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        scaling = _GradScaling.of(self)
         stepping = []
         for group_idx, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -195,23 +225,28 @@ class CASMO(torch.optim.Optimizer):
             if params:
                 stepping.append((group_idx, group, params))
         # Every guarded gradient and every capturable lr is checked before anything moves,
-        # so a failing step leaves all parameters and all state as they were.
+        # so a failing step leaves all parameters and all state as they were. Under a
+        # GradScaler, non-finite gradients are expected: its found_inf skips their step.
         for group_idx, group, params in stepping:
             if group["capturable"]:
                 for device in {p.device for p in params}:
                     _lr_for(group, device)
-            if group["nan_guard"] and not all(torch.isfinite(p.grad).all() for p in params):
-                raise RuntimeError(
-                    f"Non-finite (NaN/Inf) gradient detected in parameter group {group_idx}. "
-                    "Clip gradients (torch.nn.utils.clip_grad_norm_) or check the loss."
-                )
-        for group_idx, group, params in stepping:
-            self._step_group(group_idx, group, params)
+            if group["nan_guard"] and scaling.found_inf is None:
+                if not all(torch.isfinite(p.grad).all() for p in params):
+                    raise RuntimeError(
+                        f"Non-finite (NaN/Inf) gradient detected in parameter group {group_idx}. "
+                        "Clip gradients (torch.nn.utils.clip_grad_norm_) or check the loss."
+                    )
+        for group_idx, group, _ in stepping:
+            self._step_group(group_idx, group, scaling)
         return loss
 
     def _check_not_captured(self) -> None:
-        """Host step counts would be frozen into a CUDA graph: refuse, as torch.optim does."""
-        if all(group["capturable"] for group in self.param_groups) or not torch.cuda.is_available():
+        """Host step counts would be frozen into a CUDA graph: refuse, as torch.optim does
+        (not while compiling, where step counts are tensors)."""
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return
+        if all(group["capturable"] for group in self.param_groups):
             return
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -219,37 +254,83 @@ class CASMO(torch.optim.Optimizer):
                 "param_groups' capturable is False; construct it with capturable=True."
             )
 
-    def _step_group(self, group_idx: int, group: dict, params: list[torch.Tensor]) -> None:
-        capturable = group["capturable"]
-        buckets: dict[tuple, list] = defaultdict(lambda: ([], [], [], [], []))
-        for p in params:
+    def _gather_group(self, group: dict, params: list, grads: list, ms: list, ss: list, steps: list) -> None:
+        """Appends each parameter with a gradient, its gradient and its state to the lists,
+        creating the state on first use. Step counts are tensors on the parameter's device
+        when capturable and while compiling."""
+        tensor_steps = group["capturable"] or torch.compiler.is_compiling()
+        if not tensor_steps:
+            self._int_steps = True
+        for p in group["params"]:
+            if p.grad is None:
+                continue
             state = self.state[p]
             if len(state) == 0:
                 _init_state(state, p, group)
-            step = state["step"]
-            if capturable:
-                if not isinstance(step, torch.Tensor) or step.device != p.device:
-                    step = state["step"] = torch.as_tensor(step, dtype=torch.float32, device=p.device)
-            else:
-                if isinstance(step, torch.Tensor):  # loaded from a capturable run
-                    step = int(step.item())
-                step = state["step"] = step + 1
-            grad = torch.neg(p.grad) if group["maximize"] else p.grad
-            if grad.stride() != p.stride():
-                grad = torch.empty_like(p).copy_(grad)
-            bucket = buckets[(p.device, p.dtype, state["m"].dtype)]
-            for column, value in zip(bucket, (p, grad, state["m"], state["s"], step)):
+            if tensor_steps:
+                _step_tensor(state, p.device)
+            for column, value in zip(
+                (params, grads, ms, ss, steps), (p, p.grad, state["m"], state["s"], state["step"])
+            ):
                 column.append(value)
 
-        sums = []
-        for (device, dtype, moment_dtype), (ps, gs, ms, ss, steps) in buckets.items():
-            if capturable:
-                torch._foreach_add_(steps, 1)
-            kernel_dtype = dtype if moment_dtype == dtype else None  # kernels take one dtype
-            sums.append(self._dispatch(device, kernel_dtype, group, ps, gs, ms, ss, steps))
-        self._metrics[group_idx] = (sums, sum(p.numel() for p in params))
+    # torch.compile runs a method of this name eagerly while tracing, so the state it
+    # creates is guarded as it will be at the next step (no recompile after the first).
+    # Its tracer fails on int step counts, so with those the traced name is called: they
+    # become tensors at the first compiled step, and the next one recompiles once.
+    _init_group = _gather_group
 
-    def _dispatch(self, device, dtype, group, ps, gs, ms, ss, steps) -> torch.Tensor:
+    def _step_group(self, group_idx: int, group: dict, scaling: _GradScaling) -> None:
+        columns = ([], [], [], [], [])
+        if torch.compiler.is_compiling() and not self._int_steps:
+            self._init_group(group, *columns)
+        else:
+            self._gather_group(group, *columns)
+        buckets: dict[tuple, tuple] = {}
+        for p, grad, m, s, step in zip(*columns):
+            grad = torch.neg(grad) if group["maximize"] else grad
+            if grad.stride() != p.stride():
+                grad = torch.empty_like(p).copy_(grad)
+            bucket = buckets.setdefault((p.device, p.dtype, m.dtype), ([], [], [], [], []))
+            for column, value in zip(bucket, (p, grad, m, s, step)):
+                column.append(value)
+
+        totals: dict[torch.device, torch.Tensor] = {}
+        for (device, dtype, moment_dtype), (ps, gs, ms, ss, steps) in buckets.items():
+            grad_scale, found_inf = scaling.on(device)
+            steps = self._advance_steps(ps, steps, group, device, found_inf)
+            kernel_dtype = dtype if moment_dtype == dtype else None  # kernels take one dtype
+            sums = self._dispatch(device, kernel_dtype, group, ps, gs, ms, ss, steps, grad_scale, found_inf)
+            counted = torch.cat((sums, sums.new_full((1,), float(sum(p.numel() for p in ps)))))
+            totals[device] = totals[device] + counted if device in totals else counted
+        for device, counted in totals.items():
+            found_inf = scaling.on(device)[1]
+            if found_inf is not None:  # a skipped step keeps the group's last metrics
+                previous = self._metrics.get(group_idx, {}).get(device, torch.zeros_like(counted))
+                totals[device] = torch.where(found_inf != 0, previous, counted)
+        self._metrics[group_idx] = totals
+
+    def _advance_steps(self, params: list, steps: list, group: dict, device: torch.device, found_inf) -> list:
+        """Each tensor's step count after this step, advanced in its state unless found_inf
+        says the step is skipped. Float32 tensors on `device` when capturable, while
+        compiling and under a GradScaler off the CPU (so skipping needs no host read); ints
+        otherwise. `steps` are the counts as gathered (while compiling, already tensors)."""
+        on_device = found_inf is not None and device.type != "cpu"
+        if group["capturable"] or torch.compiler.is_compiling() or on_device:
+            if not all(_is_step_tensor(step, device) for step in steps):
+                steps = [_step_tensor(self.state[p], device) for p in params]
+            torch._foreach_add_(steps, 1 if found_inf is None else (found_inf == 0).to(torch.float32))
+            return steps
+        taken = found_inf is None or not found_inf.item()  # a CPU tensor: no device to wait for
+        states = [self.state[p] for p in params]
+        for state in states:
+            step = state["step"]
+            if isinstance(step, torch.Tensor):  # from a capturable or compiled run
+                step = int(step.item())
+            state["step"] = step + int(taken)
+        return [state["step"] for state in states]
+
+    def _dispatch(self, device, dtype, group, ps, gs, ms, ss, steps, grad_scale, found_inf) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         # In the kernels' argument order.
         hyper = dict(
@@ -264,17 +345,26 @@ class CASMO(torch.optim.Optimizer):
         lr = _lr_for(group, device)
         if not self._use_kernel(device, dtype, group["foreach"]):
             fallback = casmo_step_reference if group["foreach"] is False else casmo_step_foreach
-            return fallback(ps, gs, ms, ss, steps, lr=lr, **hyper)
-        scalars = hyper.values()
-        if device.type == "cpu":
-            steps_f = [float(s) for s in steps]
-            return _kernels._C.cpu_step(ps, gs, ms, ss, steps_f, float(lr), *scalars)
+            return _fallback_step(fallback, ps, gs, ms, ss, steps, lr, hyper, grad_scale, found_inf)
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         lr_value = 0.0 if lr_tensor is not None else float(lr)
-        if group["capturable"]:
-            return _kernels._C.cuda_step(ps, gs, ms, ss, [], steps, lr_value, lr_tensor, *scalars)
-        steps_f = [float(s) for s in steps]
-        return _kernels._C.cuda_step(ps, gs, ms, ss, steps_f, [], lr_value, lr_tensor, *scalars)
+        if isinstance(steps[0], torch.Tensor):
+            step_floats, step_tensors = [], steps
+        else:
+            step_floats, step_tensors = [float(s) for s in steps], []
+        return torch.ops.casmo_ext.step_(
+            ps,
+            gs,
+            ms,
+            ss,
+            step_floats,
+            step_tensors,
+            lr_value,
+            lr_tensor,
+            *hyper.values(),
+            grad_scale,
+            found_inf,
+        )
 
     def _use_kernel(self, device: torch.device, dtype: torch.dtype, foreach: Optional[bool]) -> bool:
         """Whether the fused kernel steps this bucket (else a fallback does)."""
@@ -283,7 +373,7 @@ class CASMO(torch.optim.Optimizer):
         if _kernels._C is None:
             _kernels.warn_fallback_once(f"the compiled kernels are missing ({_kernels._IMPORT_ERROR})")
             return False
-        if device.type == "cpu" or (device.type == "cuda" and _kernels._C.built_with_cuda()):
+        if device.type == "cpu" or (device.type == "cuda" and _kernels.CUDA_KERNEL_BUILT):
             return True
         if self._fused:
             raise RuntimeError(
@@ -295,14 +385,22 @@ class CASMO(torch.optim.Optimizer):
 
 
 def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
-    if group["capturable"]:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    else:
-        state["step"] = 0
+    state["step"] = 0
     wide = group["float32_moments"] and p.dtype in (torch.bfloat16, torch.float16)
     moment_dtype = torch.float32 if wide else p.dtype
     state["m"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
     state["s"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+
+
+def _is_step_tensor(step, device: torch.device) -> bool:
+    return isinstance(step, torch.Tensor) and step.device == device and step.dtype == torch.float32
+
+
+def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
+    """The state's step count as a float32 tensor on `device` (converted in place once)."""
+    if not _is_step_tensor(state["step"], device):
+        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device)
+    return state["step"]
 
 
 def _lr_for(group: dict, device: torch.device):
@@ -317,3 +415,41 @@ def _lr_for(group: dict, device: torch.device):
             f"not {lr.device}: pass lr=lr.to({str(device)!r})."
         )
     return lr.item()
+
+
+def _fallback_step(fallback, ps, gs, ms, ss, steps, lr, hyper: dict, grad_scale, found_inf) -> torch.Tensor:
+    """`fallback` (foreach or reference) under a GradScaler: it reads found_inf on the host
+    (a device sync off the CPU) and unscales by multiplying, as GradScaler.unscale_ does."""
+    if found_inf is not None and found_inf.item():
+        return torch.zeros(2, dtype=torch.float64, device=ps[0].device)
+    if grad_scale is not None:
+        gs = torch._foreach_mul(gs, grad_scale.reciprocal())
+    return fallback(ps, gs, ms, ss, steps, lr=lr, **hyper)
+
+
+class _GradScaling:
+    """What torch.amp.GradScaler set on the optimizer for this step: `grad_scale` (None
+    once the user called unscale_) and `found_inf`, each on the device of the tensors it
+    serves (copied without a sync, as torch's fused Adam does)."""
+
+    def __init__(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if value is not None and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise TypeError(
+                    f"CASMO: optimizer.{name} must be a one-element tensor (torch.amp.GradScaler "
+                    f"sets it) or None, got {value!r}"
+                )
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._per_device: dict[torch.device, tuple] = {}
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> _GradScaling:
+        return cls(getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None))
+
+    def on(self, device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if device not in self._per_device:
+            self._per_device[device] = tuple(
+                None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+                for t in (self.grad_scale, self.found_inf)
+            )
+        return self._per_device[device]

@@ -3,6 +3,7 @@ that the build compiled them where CI expects it to."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -26,6 +27,17 @@ def cuda_test(fn):
     for mark in needs_cuda:
         fn = mark(fn)
     return fn
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Raises on any operation that waits for the GPU inside the block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def make_params(dtype, seed=0, sizes=SIZES):
@@ -83,12 +95,8 @@ def test_no_host_sync_in_step():
         for p, g in zip(params, make_grads(params, 1)):
             p.grad = g
         optimizer.step()  # creates the state
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             optimizer.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda_test
@@ -219,6 +227,94 @@ def test_tensor_over_2_pow_31_elements():
     assert torch.equal(head, tail)
     del optimizer, param
     torch.cuda.empty_cache()
+
+
+def amp_train(fused, steps, scaler=None):
+    """A small model trained under fp16 autocast, with or without a GradScaler."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
+    opt = CASMO(model.parameters(), lr=1e-3, weight_decay=0.01, fused=fused)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(steps):
+        x, y = (
+            torch.randn(32, 64, device="cuda", generator=gen),
+            torch.randn(32, 8, device="cuda", generator=gen),
+        )
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    return model, opt
+
+
+@cuda_test
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_scaler_fp16_autocast_equals_unscaled(fused):
+    scaled, scaled_opt = amp_train(fused, 5, torch.amp.GradScaler("cuda", init_scale=2.0**12))
+    plain, plain_opt = amp_train(fused, 5)
+    for p, q in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(scaled_opt.state[p]["m"], plain_opt.state[q]["m"], rtol=0, atol=1e-5)
+    assert scaled_opt.group_metrics()["agar"] == pytest.approx(plain_opt.group_metrics()["agar"], rel=1e-4)
+    assert all(type(state["step"]) is int for state in scaled_opt.state_dict()["state"].values())
+
+
+@cuda_test
+def test_grad_scaler_skips_an_inf_step_without_a_host_sync():
+    model, opt = amp_train(True, 2, torch.amp.GradScaler("cuda", init_scale=2.0**10))
+    before = [
+        (p.detach().clone(), opt.state[p]["m"].clone(), opt.state[p]["step"].clone())
+        for p in model.parameters()
+    ]
+    metrics = opt.group_metrics()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    opt.found_inf = torch.tensor(1.0, device="cuda")
+    with no_host_sync():
+        opt.step()
+    for p, (old_p, old_m, old_step) in zip(model.parameters(), before):
+        assert torch.equal(p, old_p) and torch.equal(opt.state[p]["m"], old_m)
+        assert torch.equal(opt.state[p]["step"], old_step) and old_step.item() == 2
+    assert opt.group_metrics() == metrics
+    assert opt.state_dict()["state"][0]["step"] == 2
+
+
+@cuda_test
+def test_custom_op_opcheck_on_cuda():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ps, gs, ms = ([torch.randn(n, device="cuda", generator=gen) for n in (70001, 5)] for _ in range(3))
+    ss = [m.abs() for m in ms]
+    steps = [torch.tensor(3.0, device="cuda") for _ in ps]
+    scale, found_inf = torch.tensor(4.0, device="cuda"), torch.tensor(0.0, device="cuda")
+    hyper = (0.9, 0.999, 1e-8, 0.01, 0.1, 0.5, 0.1)
+    args = (ps, gs, ms, ss, [], steps, 1e-2, None, *hyper, scale, found_inf)
+    torch.library.opcheck(torch.ops.casmo_ext.step_.default, args)
+
+
+@cuda_test
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_step_on_cuda_is_one_graph(capturable):
+    from torch._dynamo.testing import CompileCounter
+
+    eager, eager_opt = run({"fused": True, "capturable": capturable}, torch.float32, num_steps=6)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    params = [torch.nn.Parameter(p) for p in make_params(torch.float32)]
+    optimizer = CASMO(params, fused=True, capturable=capturable)
+    compiled_step = torch.compile(optimizer.step, backend=counter)
+    for step in range(1, 7):
+        for p, g in zip(params, make_grads(params, step)):
+            p.grad = g
+        compiled_step()
+    assert counter.frame_count == 1
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_cuda_kernel_was_built_where_expected():

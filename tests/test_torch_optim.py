@@ -8,20 +8,11 @@ import copy
 
 import pytest
 import torch
+from backends import BACKENDS, needs_emulation, needs_kernel
 
-import casmo_ext
 from casmo_ext import CASMO, _kernels, casmo_step_reference
 from casmo_ext.foreach import casmo_step_foreach
 
-needs_kernel = pytest.mark.skipif(not casmo_ext.build_info()["cpu_kernel"], reason="casmo_ext._C not built")
-needs_emulation = pytest.mark.skipif(
-    not casmo_ext.build_info()["cuda_emulation"], reason="built without the CUDA emulation"
-)
-BACKENDS = [
-    pytest.param(dict(fused=True), marks=needs_kernel, id="kernel"),
-    pytest.param(dict(fused=False), id="foreach"),
-    pytest.param(dict(fused=False, foreach=False), id="reference"),
-]
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, c_min=0.1, robustness=0.5, rel_floor=0.1)
 
 

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -242,7 +243,84 @@ at::Tensor cpu_step(const TensorList& params, const TensorList& grads, const Ten
   return checked_cpu_step(true, "casmo cpu_step", params, grads, ms, ss, steps, h);
 }
 
+namespace {
+
+// The value of an optional one-element CPU tensor argument of the operator.
+double host_scalar(const at::Tensor& x, const char* name, const char* who) {
+  TORCH_CHECK(x.numel() == 1 && x.device().is_cpu(), who, ": ", name,
+              " must be a one-element tensor on the CPU, like the parameters; got ", x.numel(),
+              " elements on ", x.device());
+  return x.item<double>();
+}
+
+// Each tensor's step count, from the floats or from the one-element CPU tensors.
+std::vector<double> host_step_counts(c10::ArrayRef<double> steps, at::TensorList step_tensors, const char* who) {
+  TORCH_CHECK(steps.empty() || step_tensors.empty(), who,
+              ": pass the step counts as floats (steps) or as tensors (step_tensors), not both");
+  std::vector<double> counts = steps.vec();
+  for (const at::Tensor& step : step_tensors) counts.push_back(host_scalar(step, "a step tensor", who));
+  return counts;
+}
+
+}  // namespace
+
+at::Tensor cpu_step_op(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList ss,
+                       c10::ArrayRef<double> steps, at::TensorList step_tensors, double lr,
+                       const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                       double weight_decay, double c_min, double robustness, double rel_floor,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* who = "casmo_ext::step_ (CPU)";
+  if (lr_tensor.has_value()) lr = host_scalar(*lr_tensor, "lr_tensor", who);
+  Hyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor);
+  if (grad_scale.has_value())
+    h.inv_grad_scale = inv_grad_scale(static_cast<float>(host_scalar(*grad_scale, "grad_scale", who)));
+  const std::vector<double> counts = host_step_counts(steps, step_tensors, who);
+  if (found_inf.has_value() && host_scalar(*found_inf, "found_inf", who) != 0.0) {
+    check_tensor_lists(params.vec(), grads.vec(), ms.vec(), ss.vec(), who);
+    return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));  // skipped: nothing moves
+  }
+  return checked_cpu_step(true, who, params.vec(), grads.vec(), ms.vec(), ss.vec(), counts, h);
+}
+
+// The operator's ADInplaceOrView kernel: bumps the version counters of the tensors it
+// writes, as ATen's in-place ops do, so autograd notices parameters saved for backward
+// that the step has since changed. A C++ operator gets no such kernel by default.
+at::Tensor step_inplace_or_view(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads,
+                                at::TensorList ms, at::TensorList ss, c10::ArrayRef<double> steps,
+                                at::TensorList step_tensors, double lr, const std::optional<at::Tensor>& lr_tensor,
+                                double beta1, double beta2, double eps, double weight_decay, double c_min,
+                                double robustness, double rel_floor, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("casmo_ext::step_", "")
+                             .typed<decltype(cpu_step_op)>();
+  at::Tensor sums;
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    sums = op.redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, ms, ss, steps, step_tensors, lr,
+                         lr_tensor, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor, grad_scale,
+                         found_inf);
+  }
+  for (const at::TensorList written : {params, ms, ss})
+    for (const at::Tensor& x : written) torch::autograd::impl::bump_version(x);
+  return sums;
+}
+
 }  // namespace casmo
+
+// Mutated lists are marked (a!), (b!), (c!): functionalization (torch.compile) knows what
+// the step writes.
+TORCH_LIBRARY(casmo_ext, m) {
+  m.def(
+      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m, Tensor(c!)[] s, float[] steps, "
+      "Tensor[] step_tensors, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, float c_min, float robustness, float rel_floor, Tensor? grad_scale, "
+      "Tensor? found_inf) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(casmo_ext, CPU, m) { m.impl("step_", &casmo::cpu_step_op); }
+
+TORCH_LIBRARY_IMPL(casmo_ext, ADInplaceOrView, m) { m.impl("step_", &casmo::step_inplace_or_view); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused CASMO optimizer steps (see casmo_ext.CASMO)";
@@ -257,15 +335,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("steps"), pybind11::arg("step_tensors"), pybind11::arg("lr"),
              pybind11::arg("lr_tensor"), pybind11::arg("beta1"), pybind11::arg("beta2"),
              pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("c_min"),
-             pybind11::arg("robustness"), pybind11::arg("rel_floor"), pybind11::arg("chunk_size"));
+             pybind11::arg("robustness"), pybind11::arg("rel_floor"), pybind11::arg("chunk_size"),
+             pybind11::arg("grad_scale") = pybind11::none(), pybind11::arg("found_inf") = pybind11::none());
   module.def("cuda_launch_limits", []() {
     pybind11::dict limits;
     for (const auto& [name, value] : casmo::cuda_launch_limits()) limits[pybind11::str(name)] = value;
     return limits;
   }, "The CUDA kernels' launch-packing limits and block sizes");
-#ifdef CASMO_WITH_CUDA
-  module.def("cuda_step", &casmo::cuda_step, "Step one group's CUDA tensors of one dtype in place");
-#endif
   module.def("built_with_cuda", []() {
 #ifdef CASMO_WITH_CUDA
     return true;

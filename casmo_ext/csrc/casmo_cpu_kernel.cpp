@@ -96,9 +96,9 @@ inline Vec reciprocal(const Vec& x) {
 
 // The per-tensor constants of casmo_math.h, broadcast to every lane.
 struct MomentVecs {
-  Vec beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction1, inv_bias_correction2;
+  Vec inv_grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction1, inv_bias_correction2;
   MomentVecs(const Hyper& h, const MomentConsts& mc)
-      : beta1(h.beta1), one_minus_beta1(h.one_minus_beta1), beta2(h.beta2),
+      : inv_grad_scale(h.inv_grad_scale), beta1(h.beta1), one_minus_beta1(h.one_minus_beta1), beta2(h.beta2),
         one_minus_beta2(h.one_minus_beta2), inv_bias_correction1(mc.inv_bias_correction1),
         inv_bias_correction2(mc.inv_bias_correction2) {}
 };
@@ -111,7 +111,8 @@ struct GateVecs {
 };
 
 // casmo::update_moments.
-inline void update_moments(const Vec& g, Vec& m, Vec& s, const MomentVecs& c) {
+inline void update_moments(const Vec& scaled_g, Vec& m, Vec& s, const MomentVecs& c) {
+  const Vec g = scaled_g * c.inv_grad_scale;
   const Vec d = g - m;
   m = c.beta1 * m + c.one_minus_beta1 * g;
   s = c.beta2 * s + c.one_minus_beta2 * (d * d);

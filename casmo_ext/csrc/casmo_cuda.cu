@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "casmo_cuda_kernels.cuh"
 #include "casmo_ops.h"
@@ -26,11 +27,12 @@ struct CudaLauncher {
 
 }  // namespace
 
-at::Tensor cuda_step(const TensorList& params, const TensorList& grads, const TensorList& ms,
-                     const TensorList& ss, const std::vector<double>& steps, const TensorList& step_tensors,
-                     double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                     double eps, double weight_decay, double c_min, double robustness, double rel_floor) {
-  constexpr const char* who = "casmo cuda_step";
+at::Tensor cuda_step_op(at::TensorList params, at::TensorList grads, at::TensorList ms, at::TensorList ss,
+                        c10::ArrayRef<double> steps, at::TensorList step_tensors, double lr,
+                        const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                        double weight_decay, double c_min, double robustness, double rel_floor,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* who = "casmo_ext::step_ (CUDA)";
   for (const at::Tensor& p : params)
     TORCH_CHECK(p.is_cuda(), who, ": tensors must be on a CUDA device, got ", p.device());
   if (params.empty()) return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
@@ -38,8 +40,10 @@ at::Tensor cuda_step(const TensorList& params, const TensorList& grads, const Te
   const Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness,
                                                rel_floor);
   return cuda_kernels::step_from_aten<cuda_kernels::kCudaBlockSize>(
-      who, params, grads, ms, ss, steps, step_tensors, lr, lr_tensor, hyper,
-      cuda_kernels::kDefaultChunkSize, CudaLauncher{c10::cuda::getCurrentCUDAStream()});
+      who, params.vec(), grads.vec(), ms.vec(), ss.vec(), steps.vec(), step_tensors.vec(), lr, lr_tensor, hyper,
+      grad_scale, found_inf, cuda_kernels::kDefaultChunkSize, CudaLauncher{c10::cuda::getCurrentCUDAStream()});
 }
 
 }  // namespace casmo
+
+TORCH_LIBRARY_IMPL(casmo_ext, CUDA, m) { m.impl("step_", &casmo::cuda_step_op); }

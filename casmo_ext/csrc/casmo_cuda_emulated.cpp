@@ -34,14 +34,15 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
                               const TensorList& step_tensors, double lr,
                               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                               double eps, double weight_decay, double c_min, double robustness,
-                              double rel_floor, int64_t chunk_size) {
+                              double rel_floor, int64_t chunk_size, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
   constexpr const char* who = "casmo cuda_emulated_step";
   for (const at::Tensor& p : params)
     TORCH_CHECK(p.device().is_cpu(), who, ": the emulated CUDA kernels step CPU tensors, got ", p.device());
   const Hyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, c_min, robustness, rel_floor);
   return cuda_kernels::step_from_aten<kEmulatedBlockSize>(who, params, grads, ms, ss, steps, step_tensors,
-                                                          lr, lr_tensor, hyper, chunk_size,
-                                                          EmulatedLauncher{});
+                                                          lr, lr_tensor, hyper, grad_scale, found_inf,
+                                                          chunk_size, EmulatedLauncher{});
 }
 
 std::vector<std::pair<std::string, int64_t>> cuda_launch_limits() {

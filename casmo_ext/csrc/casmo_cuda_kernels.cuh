@@ -57,6 +57,8 @@ template <typename scalar_t>
 struct LaunchArgs {
   Hyper hyper;
   const float* lr_device;  // when non-null, lr is read here (overrides hyper.lr)
+  const float* grad_scale;  // GradScaler's scale on the device, or null (no unscaling)
+  const float* found_inf;   // when non-null and nonzero, the step is skipped
   bool step_on_device;     // which member of StepCount is set
   int64_t chunk_size;
   double* agar_partials;  // one per chunk of the group, tensor after tensor
@@ -142,7 +144,14 @@ template <typename scalar_t>
 __device__ __forceinline__ Hyper block_hyper(const LaunchArgs<scalar_t>& args) {
   Hyper h = args.hyper;
   if (args.lr_device != nullptr) h.lr = *args.lr_device;
+  if (args.grad_scale != nullptr) h.inv_grad_scale = inv_grad_scale(*args.grad_scale);
   return h;
+}
+
+// GradScaler found an inf or NaN gradient: every block leaves its chunk as it was. Read
+// on the device, so skipping needs no host sync.
+__device__ __forceinline__ bool step_skipped(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
 }
 
 // One round of a thread's loads: elements base + u * kBlockSize (u < kIlp) of three
@@ -166,6 +175,7 @@ __device__ __forceinline__ void load_round(const scalar_t* __restrict__ a, const
 template <typename scalar_t, int kBlockSize>
 __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   __shared__ double reduction_buffer[kBlockSize];
+  if (step_skipped(args.found_inf)) return;  // the whole block: no __syncthreads is left waiting
   const BlockChunk c = block_chunk(args);
   const Hyper h = block_hyper(args);
   const MomentConsts mc = block_moment_consts(args, c.slot);
@@ -201,6 +211,7 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
 template <typename scalar_t, int kBlockSize>
 __global__ void update_kernel(LaunchArgs<scalar_t> args) {
   __shared__ double reduction_buffer[kBlockSize];
+  if (step_skipped(args.found_inf)) return;
   const BlockChunk c = block_chunk(args);
   const Hyper h = block_hyper(args);
   const MomentConsts mc = block_moment_consts(args, c.slot);
@@ -232,11 +243,16 @@ __global__ void update_kernel(LaunchArgs<scalar_t> args) {
   if (threadIdx.x == 0) args.conf_partials[args.partial_offset[c.slot] + c.chunk] = conf_sum;
 }
 
-// Stage 3 (one block): out = [sum of agar partials, sum of conf partials].
+// Stage 3 (one block): out = [sum of agar partials, sum of conf partials]; zeros when the
+// step was skipped (the partials were never written).
 template <int kBlockSize>
 __global__ void group_sums_kernel(const double* agar_partials, const double* conf_partials,
-                                  int64_t count, double* out) {
+                                  int64_t count, const float* found_inf, double* out) {
   __shared__ double reduction_buffer[kBlockSize];
+  if (step_skipped(found_inf)) {
+    if (threadIdx.x == 0) out[0] = out[1] = 0.0;
+    return;
+  }
   const double agar_sum = block_sum_range<kBlockSize>(agar_partials, count, reduction_buffer);
   const double conf_sum = block_sum_range<kBlockSize>(conf_partials, count, reduction_buffer);
   if (threadIdx.x == 0) {
@@ -327,7 +343,8 @@ void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchAr
     launch(update_kernel<scalar_t, kBlockSize>, blocks, kBlockSize, args);
   });
   launch(group_sums_kernel<kBlockSize>, 1, kBlockSize, static_cast<const double*>(common.agar_partials),
-         static_cast<const double*>(common.conf_partials), total_chunks(tensors, common.chunk_size), out);
+         static_cast<const double*>(common.conf_partials), total_chunks(tensors, common.chunk_size),
+         common.found_inf, out);
 }
 
 // The whole entry point of a backend, from ATen arguments: validates them (the caller
@@ -337,13 +354,16 @@ void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchAr
 // Capturable: `steps` is empty and step_tensors holds one float32 scalar per tensor on
 // the tensors' device. lr_tensor (optional) on the tensors' device is read in the
 // kernel; on the CPU (with device tensors) its value is read here, without a sync.
-// Returns float64 [sum agar_i, sum C_i] on the tensors' device.
+// grad_scale and found_inf (optional, GradScaler's) are float32 scalars on the tensors'
+// device, read in the kernels. Returns float64 [sum agar_i, sum C_i] on the tensors'
+// device (zeros for a skipped step).
 template <int kBlockSize, typename Launcher>
 at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params,
                           const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& ms,
                           const std::vector<at::Tensor>& ss, const std::vector<double>& steps,
                           const std::vector<at::Tensor>& step_tensors, double lr,
                           const std::optional<at::Tensor>& lr_tensor, const Hyper& hyper,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                           int64_t chunk_size, Launcher&& launch) {
   check_tensor_lists(params, grads, ms, ss, who);
   TORCH_CHECK(chunk_size > 0, who, ": chunk_size must be positive, got ", chunk_size);
@@ -362,6 +382,11 @@ at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params
                 step_tensors[i].device());
   }
 
+  for (const auto* scalar : {&grad_scale, &found_inf}) {
+    TORCH_CHECK(!scalar->has_value() || ((*scalar)->device() == device && (*scalar)->scalar_type() == at::kFloat &&
+                                         (*scalar)->numel() == 1),
+                who, ": grad_scale and found_inf must be one-element float32 tensors on ", device);
+  }
   Hyper h = hyper;
   h.lr = static_cast<float>(lr);
   at::Tensor lr_on_device;  // keeps a converted lr tensor alive until the launches are queued
@@ -399,6 +424,8 @@ at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params
     LaunchArgs<scalar_t> common;
     common.hyper = h;
     common.lr_device = lr_on_device.defined() ? lr_on_device.data_ptr<float>() : nullptr;
+    common.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+    common.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
     common.step_on_device = step_on_device;
     common.chunk_size = chunk_size;
     common.agar_partials = partials[0].data_ptr<double>();

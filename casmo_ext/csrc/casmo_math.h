@@ -29,6 +29,7 @@ struct Hyper {
   float c_min;
   float robustness;
   float rel_floor;
+  float inv_grad_scale;  // 1 / GradScaler's scale (1 without one): unscales g in pass 1
   double beta1_f64;
   double beta2_f64;
 };
@@ -46,10 +47,15 @@ inline Hyper make_hyper(double lr, double beta1, double beta2, double eps, doubl
   h.c_min = static_cast<float>(c_min);
   h.robustness = static_cast<float>(robustness);
   h.rel_floor = static_cast<float>(rel_floor);
+  h.inv_grad_scale = 1.0f;
   h.beta1_f64 = beta1;
   h.beta2_f64 = beta2;
   return h;
 }
+
+// GradScaler's scale as the kernels apply it: multiplied by its float32 reciprocal, as
+// GradScaler.unscale_ does (exact for the power-of-two scales it uses).
+CASMO_HD float inv_grad_scale(float grad_scale) { return 1.0f / grad_scale; }
 
 // Per-tensor constants of both passes, from the step count. Reciprocals (computed in
 // float64) so the per-element work multiplies instead of dividing.
@@ -86,9 +92,10 @@ CASMO_HD GateConsts gate_consts(const Hyper& h, double agar_sum, double n) {
 // Ternaries rather than fmaxf/fminf so that host compilers vectorise the loops.
 CASMO_HD float max_f(float a, float b) { return a > b ? a : b; }
 
-// Pass 1: fold the gradient into the moments. The deviation is taken from the
-// previous mean, before m moves.
-CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
+// Pass 1: fold the (unscaled) gradient into the moments. The deviation is taken from
+// the previous mean, before m moves.
+CASMO_HD void update_moments(float scaled_g, float& m, float& s, const Hyper& h) {
+  const float g = scaled_g * h.inv_grad_scale;
   const float d = g - m;
   m = h.beta1 * m + h.one_minus_beta1 * g;
   s = h.beta2 * s + h.one_minus_beta2 * (d * d);
