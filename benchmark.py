@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -397,6 +398,10 @@ DCGAN_QUALITY_COLUMNS = [
 ]
 
 
+def seeds(count: int) -> str:
+    return "seed 0" if count == 1 else f"seeds 0-{count - 1}"
+
+
 def set_caption(args: argparse.Namespace, name: str) -> str:
     dcgan = (
         f"DCGAN on {args.dataset}, subset {args.subset}, batch 16, "
@@ -411,14 +416,14 @@ def set_caption(args: argparse.Namespace, name: str) -> str:
         "it (control.json), same seeds; shown with the main grid's runs."
     )
     captions = {
-        "toy2d": f"Semicircle toy, {args.toy_epochs} epochs, seeds 0-{args.toy_seeds - 1}, robustness 0.5.",
-        dcgan_set(args): f"{dcgan}, seeds 0-{args.dcgan_seeds - 1}.",
+        "toy2d": f"Semicircle toy, {args.toy_epochs} epochs, {seeds(args.toy_seeds)}, robustness 0.5.",
+        dcgan_set(args): f"{dcgan}, {seeds(args.dcgan_seeds)}.",
         f"toy2d{CONTROL_SUFFIX}": f"Semicircle toy. {control}",
         f"{dcgan_set(args)}{CONTROL_SUFFIX}": f"{dcgan}. {control}",
         "toy2d-robustness": f"Robustness sweep on the toy, {args.toy_epochs} epochs, "
-        f"seeds 0-{args.sweep_seeds - 1} (robustness 0.5: the main grid's runs of the same seeds).",
+        f"{seeds(args.sweep_seeds)} (robustness 0.5: the main grid's runs of the same seeds).",
         f"{dcgan_set(args)}-robustness": f"Robustness sweep on the DCGAN ({dcgan}), the CASMO configuration "
-        f"with the lowest final KID of EMA G, seeds 0-{args.sweep_seeds - 1} (0.5: the main grid's runs).",
+        f"with the lowest final KID of EMA G, {seeds(args.sweep_seeds)} (0.5: the main grid's runs).",
     }
     return captions[name]
 
@@ -563,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log_dir = args.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Started in the background (`cmd &`), a process inherits SIGINT ignored: Ctrl-C or
+    # `kill -INT` must still stop the grid, not only its runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.perf_counter()
     try:
         prepare_data(args)
