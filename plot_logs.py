@@ -790,7 +790,10 @@ def plot_samples_side_by_side(groups: dict[str, list[Run]], path: Path, what: st
     axes = top.subplots(len(steps), len(groups), squeeze=False)
     for column, (config, run) in enumerate(firsts.items()):
         final_kid = np.nanmean([run.quality["kid"][-1] for run in groups[config] if run.quality is not None])
-        axes[0][column].set_title(f"{config}, seed {run.seed}\nfinal KID {number(final_kid)}", fontsize=9)
+        seeds = len(groups[config])
+        mean_of = f"mean of {seeds} seeds" if seeds > 1 else "1 seed"
+        title = f"{config}, seed {run.seed}\nfinal KID ({mean_of}): {number(final_kid)}"
+        axes[0][column].set_title(title, fontsize=9)
         for row, step in enumerate(steps):
             ax = axes[row][column]
             ax.imshow(plt.imread(grids[config][step]))
