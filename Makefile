@@ -67,8 +67,8 @@ throughput: install
 
 # The benchmark's evidence: the four configurations over several seeds on the toy and the
 # shapes DCGAN, the step-size control, robustness sweeps, figures and results.md in
-# runs/benchmark (about four hours on 2 cores). Finished runs are kept and interrupted ones resumed, so it can be
-# stopped and started again. benchmark-small is a quick look; pass more options in ARGS,
+# runs/benchmark (about four hours on 2 cores). Finished runs are kept and interrupted
+# ones resumed, so it can be stopped and started again. benchmark-small is a quick look; pass more options in ARGS,
 # e.g. make benchmark ARGS="--dataset tinyimagenet --dcgan-steps 0 --device cuda".
 ARGS ?=
 benchmark: install

@@ -268,7 +268,8 @@ def plan_controls(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[
         record_path = folder / "control.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         for config in configs:
-            record.setdefault(config, control_learning_rates(jobs, config))
+            if config not in record:  # a resumed control keeps the rates it started with
+                record[config] = control_learning_rates(jobs, config)
         folder.mkdir(parents=True, exist_ok=True)
         gan_common.atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
         controls[folder.name] = []
@@ -281,7 +282,6 @@ def plan_controls(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[
                 if key in rates
                 for item in (f"--{key.replace('_', '-')}", repr(rates[key]))
             ]
-            options += ["--robustness", str(DEFAULT_ROBUSTNESS)] if make_job is toy_job else []
             for job in jobs:
                 if job.config == config:
                     control = make_job(

@@ -93,7 +93,7 @@ CONFIG_COLORS = {
     "casmo_casmo-control": "tab:olive",
 }
 CONTROL_SUFFIX = "-control"
-SPARE_COLORS = ("tab:pink", "tab:cyan", "tab:red", "gold")  # the named colours taken out
+SPARE_COLORS = ("tab:pink", "tab:cyan", "tab:red", "gold")  # none of CONFIG_COLORS'
 
 # Arguments that may differ between seeds of one configuration without making them different experiments.
 NOT_HYPERPARAMETERS = {
@@ -789,7 +789,9 @@ def plot_samples_side_by_side(groups: dict[str, list[Run]], path: Path, what: st
     top, bottom = fig.subfigures(2, 1, height_ratios=(2.4 * len(steps), 4))
     axes = top.subplots(len(steps), len(groups), squeeze=False)
     for column, (config, run) in enumerate(firsts.items()):
-        final_kid = np.nanmean([run.quality["kid"][-1] for run in groups[config] if run.quality is not None])
+        final_kid = np.nanmean(
+            [seed.quality["kid"][-1] for seed in groups[config] if seed.quality is not None]
+        )
         seeds = len(groups[config])
         mean_of = f"mean of {seeds} seeds" if seeds > 1 else "1 seed"
         title = f"{config}, seed {run.seed}\nfinal KID ({mean_of}): {number(final_kid)}"
