@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import zipfile
@@ -64,9 +66,51 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
     return value
+
+
+def float_in(low: float, high: float, *, open_high: bool = False):
+    """An argparse type: a float in [low, high], or [low, high) with `open_high`, so that a
+    value the optimizers would refuse is refused with its flag's name."""
+    interval = f"[{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low <= value < high if open_high else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
+def at_least(minimum: int, things: str):
+    """An argparse type: an integer of at least `minimum` (`things` names what it counts)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} {things} are needed, got {text}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_name(text: str) -> str:
+    """--device's type: the forms pick_device knows, so that a typo fails at parsing."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {DEVICE_FORMS}")
+    return text
+
+
+# CASMO's knobs and their defaults; Adam ignores them.
+CASMO_KNOBS = {"robustness": 0.5, "c_min": 0.1, "rel_floor": 0.1}
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None:
@@ -75,17 +119,45 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> Non
     parser.add_argument("--d-opt", choices=OPTIMIZERS, default="adam", help="discriminator's optimizer")
     parser.add_argument("--lr-g", type=positive_float, default=lr, help="generator learning rate")
     parser.add_argument("--lr-d", type=positive_float, default=lr, help="discriminator learning rate")
-    parser.add_argument("--beta1", type=float, default=0.5)
-    parser.add_argument("--beta2", type=float, default=0.999)
-    parser.add_argument("--robustness", type=float, default=0.5, help="CASMO: exponent on trust (0 = off)")
-    parser.add_argument("--c-min", type=float, default=0.1, help="CASMO: floor of trust, in [0, 1]")
-    parser.add_argument("--rel-floor", type=float, default=0.1, help="CASMO: floor of focus, in [0, 1]")
+    parser.add_argument("--beta1", type=float_in(0, 1, open_high=True), default=0.5)
+    parser.add_argument("--beta2", type=float_in(0, 1, open_high=True), default=0.999)
+    parser.add_argument(
+        "--robustness",
+        type=float_in(0, math.inf, open_high=True),
+        default=CASMO_KNOBS["robustness"],
+        help="CASMO: exponent on trust (0 = off)",
+    )
+    parser.add_argument(
+        "--c-min", type=float_in(0, 1), default=CASMO_KNOBS["c_min"], help="CASMO: floor of trust, in [0, 1]"
+    )
+    parser.add_argument(
+        "--rel-floor",
+        type=float_in(0, 1),
+        default=CASMO_KNOBS["rel_floor"],
+        help="CASMO: floor of focus, in [0, 1]",
+    )
     parser.add_argument(
         "--label",
         default=None,
         help="the run's configuration name in plot_logs.py's figures and tables "
         "(default <g-opt>_<d-opt>), e.g. to tell a control experiment from plain Adam",
     )
+
+
+def warn_unused_casmo_knobs(args: argparse.Namespace) -> None:
+    """A CASMO knob set away from its default while both networks use Adam does nothing:
+    say so rather than let the user believe it took effect."""
+    if "casmo" in (args.g_opt, args.d_opt):
+        return
+    ignored = [
+        "--" + name.replace("_", "-") for name, value in CASMO_KNOBS.items() if getattr(args, name) != value
+    ]
+    if ignored:
+        verb = "acts" if len(ignored) == 1 else "act"
+        print(
+            f"warning: {', '.join(ignored)} {verb} only on CASMO; both networks use Adam: ignored",
+            file=sys.stderr,
+        )
 
 
 def make_optimizer(name: str, params, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -168,12 +240,17 @@ def d_dominated(d_x, d_g_z, real_label: float):
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; an unavailable device is an error."""
+    """'auto' picks CUDA when present, else the CPU; a device this machine lacks is a RunError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {name} asked for, but there is no usable CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise RunError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"--device {name} asked for, but there is no usable Apple GPU (MPS); use --device cpu")
     return device
 
 
@@ -187,38 +264,89 @@ def seed_everything(seed: int) -> None:
 # Arguments and the run folder
 
 
+def same_folder(a, b) -> bool:
+    """Whether two paths name one folder ("runs/x/", "./runs/x" and its absolute form do)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def same_value(given, saved) -> bool:
-    """Whether a command-line value equals the one config.json holds (JSON turns paths
-    into strings and tuples into lists)."""
-    if isinstance(given, Path) or isinstance(saved, Path):
-        return str(given) == str(saved)
-    if isinstance(given, (list, tuple)) and isinstance(saved, (list, tuple)):
-        return list(given) == list(saved)
+    """Whether a command-line value equals the one config.json holds (both parsed by the
+    same parser, so of one type; paths compare as paths)."""
+    if isinstance(given, Path) and isinstance(saved, Path):
+        return same_folder(given, saved)
     return given == saved
+
+
+def raise_errors(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """Makes the parser's errors a one-line RunError starting with `prefix`, not argparse's
+    usage text and exit (the scripts print a RunError as one line)."""
+
+    def error(message: str):
+        raise RunError(prefix + message)
+
+    parser.error = error
+
+
+def stored_argv(parser: argparse.ArgumentParser, stored: dict, prefix: str) -> list[str]:
+    """The command line that gives config.json's `args`, so that they go through the
+    parser's checks as typed flags do. Names the parser lacks (options since removed) are
+    left out; options added since the run started take their defaults."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in stored:
+            continue
+        option, value = max(action.option_strings, key=len), stored[action.dest]
+        if action.nargs == 0:  # a store_true flag
+            if not isinstance(value, bool):
+                raise RunError(f"{prefix}{action.dest} must be true or false, got {value!r}")
+            argv += [option] if value else []
+        elif value is None:
+            if action.default is not None:
+                raise RunError(f"{prefix}{action.dest} is null; {option} needs a value")
+        elif isinstance(action.nargs, int) and isinstance(value, list):
+            argv += [option, *map(str, value)]
+        else:
+            argv.append(f"{option}={value}")  # "=": a value starting with "-" stays a value
+    return argv
+
+
+def given_args(parser: argparse.ArgumentParser, argv: list[str] | None, parsed: argparse.Namespace) -> dict:
+    """The values of the options the command line names (not the defaults)."""
+    # Parse again into a namespace pre-filled with a marker: argparse fills in defaults
+    # only where the namespace lacks a value, so what is not the marker was given.
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(parsed), unset)))
+    return {name: value for name, value in vars(probe).items() if value is not unset}
 
 
 def resolve_args(
     parser: argparse.ArgumentParser, argv: list[str] | None, script: str, may_change: set[str]
 ) -> argparse.Namespace:
-    """The parsed arguments; with --resume DIR, the run's own arguments from DIR/config.json.
-    Repeating a run's value is fine; a value that differs is taken for the names in
-    `may_change` and is a RunError for any other."""
+    """The parsed arguments; with --resume DIR, the run's own arguments from DIR/config.json,
+    parsed by the same parser. Repeating a run's value is fine; a value that differs is taken
+    for the names in `may_change` and is a RunError for any other."""
+    raise_errors(parser, "")
     args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
-    config = read_config(Path(args.resume), script)
-    # Parse again into a namespace pre-filled with a marker: argparse fills in defaults
-    # only where the namespace lacks a value, so what is not the marker was given.
-    unset = object()
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    given = {name: value for name, value in vars(probe).items() if value is not unset}
-    # Options added since the run started take their defaults.
-    defaults = {name: parser.get_default(name) for name in vars(args)}
-    resumed = argparse.Namespace(**{**defaults, **config["args"]})
-    if "out" in given and not same_value(given.pop("out"), args.resume):
+    if args.resume is not None:
+        args = resumed_args(parser, argv, args, script, may_change)
+    warn_unused_casmo_knobs(args)
+    return args
+
+
+def resumed_args(
+    parser, argv, args: argparse.Namespace, script: str, may_change: set[str]
+) -> argparse.Namespace:
+    """resolve_args' --resume DIR: config.json's arguments with the command line's changes."""
+    prefix = f"{Path(args.resume) / 'config.json'} (edited?): "
+    stored = read_config(Path(args.resume), script)["args"]
+    raise_errors(parser, prefix)
+    resumed = parser.parse_args(stored_argv(parser, stored, prefix))
+    raise_errors(parser, "")
+    given = given_args(parser, argv, args)
+    if "out" in given and not same_folder(given.pop("out"), args.resume):
         raise RunError("--out and --resume name different folders; a resumed run writes into its own")
     for name, value in given.items():
-        saved = getattr(resumed, name, None)
+        saved = getattr(resumed, name)
         if name in may_change or name == "resume":
             setattr(resumed, name, value)
         elif not same_value(value, saved):
@@ -235,30 +363,57 @@ def read_config(run_dir: Path, script: str) -> dict:
         raise RunError(f"{run_dir} is not a run folder (no config.json); pass a folder a run wrote")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path} is not valid JSON ({error}); was the folder edited by hand?") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise RunError(f'{path} holds no "args" object; was the folder edited by hand?')
     if config.get("script") != script:
         other = config.get("script")
         raise RunError(f"{run_dir} is a run of {other!r}, not of {script}; resume it with that script")
     return config
 
 
-def check_run_folder(run_dir: Path, script: str, resuming: bool) -> None:
-    """A new run needs a folder holding no run (one that stopped before its first checkpoint
-    may be started again); a resumed run needs one with a checkpoint."""
+# What a run writes into its folder besides checkpoint.pt: a folder holding any of them
+# holds a run, whose record a new run must not overwrite.
+RUN_FILES = ("config.json", "log.csv", "quality.csv", "samples")
+
+
+def check_run_folder(run_dir: Path, resuming: bool) -> None:
+    """A new run needs a folder that holds no run's files, a resumed run one with a
+    checkpoint; either must be a folder this process can write."""
+    check_writable_folder(run_dir, "--resume" if resuming else "--out")
     checkpoint = run_dir / "checkpoint.pt"
     if resuming and not checkpoint.is_file():
         raise RunError(
-            f"{run_dir} stopped before its first checkpoint, so there is nothing to resume; "
-            "start it again with the same command without --resume"
+            f"{run_dir} has no checkpoint.pt (the run stopped before its first one, or it was deleted), "
+            "so it cannot be resumed; its logs are kept: start the run again with another --out"
         )
     if resuming:
         return
-    if (run_dir / "config.json").is_file():
-        read_config(run_dir, script)  # a folder of the other script is refused
     if checkpoint.exists():
         raise RunError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass another --out"
+        )
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise RunError(
+            f"{run_dir} holds a run's files ({', '.join(found)}) but no checkpoint.pt, so it cannot be "
+            "resumed; they are kept: pass another --out for a new run"
+        )
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """A RunError unless `folder` is a folder this process may write in, or one it may
+    create: checked before any data is loaded, so a bad --out costs nothing."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(folder).absolute() else f"lies under the file {existing}"
+        raise RunError(f"{option} {folder} {where}, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(
+            f"{option} {folder}: no permission to write in {existing}; pass a folder you can write"
         )
 
 
@@ -401,16 +556,19 @@ def exit_stopped(signum: int, step: int, resume_command: str) -> None:
 
 
 class CSVLog:
-    """Appends rows to a CSV file, flushing each, so a crash loses nothing logged.
+    """Appends rows to a CSV file, flushing each, so a crash loses nothing logged but at
+    most the row it tore.
 
-    Rows logged after `after_step` (the checkpoint's step; 0 for a new run) are dropped
-    first: the run logs them again, and the file never holds a step twice."""
+    On resume (`after_step`, the checkpoint's step; 0 for a new run), rows past that step
+    (the run logs them again) and rows that do not parse (a torn or damaged row) are dropped
+    with a warning, the file as found kept beside it (log.csv.bak), so it never holds a step
+    twice nor a partial row."""
 
     def __init__(self, path: Path, columns: list[str], after_step: int = 0):
         self.path = Path(path)
         self.columns = columns
-        if self.path.exists():
-            self._truncate_after(after_step)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._keep_rows_up_to(after_step)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         self._handle = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._handle, fieldnames=columns, extrasaction="raise")
@@ -418,14 +576,24 @@ class CSVLog:
             self._writer.writeheader()
             self._handle.flush()
 
-    def _truncate_after(self, step: int) -> None:
-        with open(self.path, newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if row.get("step") and int(row["step"]) <= step]
+    def _keep_rows_up_to(self, step: int) -> None:
+        header, rows, unreadable = read_log_rows(self.path)
+        kept = [row for row in rows if int(row["step"]) <= step]
+        later = len(rows) - len(kept)
+        if header == self.columns and not unreadable and not later:
+            return  # as the run left it: nothing to rewrite
+        backup = free_name(Path(f"{self.path}.bak"))
+        shutil.copy2(self.path, backup)
         with open(f"{self.path}.tmp", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(kept)
         os.replace(f"{self.path}.tmp", self.path)
+        parts = [f"{unreadable} row(s) that do not parse"] if unreadable else []
+        parts += [f"{later} row(s) past the checkpoint's step {step} (logged again)"] if later else []
+        if parts:
+            kept_as = f"the file as found is kept as {backup.name}"
+            print(f"warning: {self.path}: dropped {' and '.join(parts)}; {kept_as}", file=sys.stderr)
 
     def write(self, row: dict) -> None:
         self._writer.writerow({key: _format(value) for key, value in row.items()})
@@ -433,6 +601,46 @@ class CSVLog:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def read_log_rows(path: Path) -> tuple[list[str] | None, list[dict], int]:
+    """A CSV log's header (None when it has none with a step column), its rows that parse
+    (as dicts keyed by the header) and how many do not: a row with another number of
+    fields, a step that is no integer, a value that is no number, or a last row without its
+    newline (torn by a crash)."""
+    with open(path, newline="", errors="replace") as handle:
+        complete, _, torn = handle.read().rpartition("\n")
+    lines = [line for line in complete.split("\n") if line.strip()]
+    torn_rows = 1 if torn.strip() else 0
+    header = next(csv.reader(lines[:1]), None)
+    if header is None or "step" not in header:
+        return None, [], len(lines) + torn_rows
+    rows = []
+    for fields in csv.reader(lines[1:]):
+        row = dict(zip(header, fields))
+        if len(fields) == len(header) and row["step"].isdigit() and all(map(is_logged_value, fields)):
+            rows.append(row)
+    return header, rows, len(lines) - 1 - len(rows) + torn_rows
+
+
+def is_logged_value(text: str) -> bool:
+    """Whether a CSV field is what the logs write: empty, a number or a bool."""
+    if text in ("", "True", "False"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or the first of path2, path3, ... that names no file."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(f"{path}{number}")
+    return candidate
 
 
 def _format(value):

@@ -128,8 +128,9 @@ STYLE = {
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        gan_common.check_writable_folder(args.out, "--out")
         report(args)
-    except NotARun as error:
+    except (NotARun, gan_common.RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

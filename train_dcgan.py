@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", choices=DATASETS, default="tinyimagenet")
     data.add_argument(
         "--data-root",
-        default="data",
+        type=Path,
+        default=Path("data"),
         help="holds tiny-imagenet-200/ (downloaded when missing), torchvision datasets, or the "
         "images of --dataset folder; decoded subsets are cached in DATA_ROOT/cache",
     )
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", action="store_true", help="channels_last memory format for both networks"
     )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--device", type=gan_common.device_name, default="auto", help=gan_common.DEVICE_FORMS)
     train.add_argument(
         "--sync-bn",
         action="store_true",
@@ -164,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_args(parser)
     output = parser.add_argument_group("output")
     output.add_argument(
-        "--out", default=None, help="run folder (default runs/dcgan-<dataset>-<g>_<d>-s<seed>)"
+        "--out", type=Path, default=None, help="run folder (default runs/dcgan-<dataset>-<g>_<d>-s<seed>)"
     )
-    output.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    output.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
     output.add_argument("--log-every", type=positive_int, default=50, help="log.csv row every N steps")
     output.add_argument("--sample-every", type=positive_int, default=None, help="grid every N steps")
     return parser
@@ -178,7 +179,10 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
         "--eval-every", type=positive_int, default=None, metavar="STEPS", help="default: at each epoch's end"
     )
     evaluation.add_argument(
-        "--eval-samples", type=positive_int, default=2000, help="generated (and real) images"
+        "--eval-samples",
+        type=gan_common.at_least(sample_quality.MIN_SAMPLES, "images"),
+        default=2000,
+        help="generated (and real) images",
     )
     evaluation.add_argument(
         "--inception-weights",
@@ -207,6 +211,11 @@ def check_args(args: argparse.Namespace, device: torch.device) -> None:
         raise RunError(f"--g-ema is a decay in (0, 1), e.g. 0.999; got {args.g_ema}")
     if args.instance_noise < 0:
         raise RunError(f"--instance-noise must be >= 0, got {args.instance_noise}")
+    if not args.no_fid and args.subset < sample_quality.MIN_SAMPLES:
+        raise RunError(
+            f"--subset {args.subset}: at least {sample_quality.MIN_SAMPLES} images are needed to score "
+            "samples; pass a larger --subset, or --no-fid"
+        )
     for option, bounds in (
         ("--real-label-range", args.real_label_range),
         ("--fake-label-range", args.fake_label_range),
@@ -1202,7 +1211,7 @@ def train(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
     gan_common.seed_everything(args.seed)
     run_dir = Path(args.out or f"runs/dcgan-{args.dataset}-{args.g_opt}_{args.d_opt}-s{args.seed}")
-    gan_common.check_run_folder(run_dir, SCRIPT, resuming=args.resume is not None)
+    gan_common.check_run_folder(run_dir, resuming=args.resume is not None)
     run = prepare_run(args, ranks, run_dir)
     nets = build_nets(args, ranks)
     counters, sums = start_or_resume(run, nets)

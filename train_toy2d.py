@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="continue the run in this folder; " + ", ".join(sorted(RESUME_MAY_CHANGE)) + " may change",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=gan_common.device_name, default="auto", help=gan_common.DEVICE_FORMS)
     return parser
 
 
@@ -458,7 +458,7 @@ def finish(run: Run, step: int, generated: torch.Tensor, quality: dict) -> None:
 def train(args: argparse.Namespace) -> None:
     if args.out is None:
         args.out = Path(f"runs/toy2d-{args.g_opt}_{args.d_opt}-s{args.seed}")
-    gan_common.check_run_folder(Path(args.out), SCRIPT, resuming=args.resume is not None)
+    gan_common.check_run_folder(Path(args.out), resuming=args.resume is not None)
     gan_common.seed_everything(args.seed)
     run = prepare_run(args)
     nets = build_nets(run)

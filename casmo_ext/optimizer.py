@@ -3,6 +3,7 @@ group with one fused kernel call per (device, dtype)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional
 
@@ -21,26 +22,28 @@ RETIRED_KEYWORDS = (
     "total_steps",
 )
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PARAM_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 takes the fallback
 
 
 def _validate(hp: dict) -> None:
     """Raises ValueError for an out-of-range hyper-parameter, worded as the public
     package words it."""
     lr, eps, (beta1, beta2) = hp["lr"], hp["eps"], hp["betas"]
-    if not 0.0 <= lr:
+    # Finite too: an infinite lr, eps or weight decay turns the parameters non-finite at once.
+    if not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
+    if not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid epsilon: {eps}")
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"Invalid beta1: {beta1}")
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Invalid beta2: {beta2}")
-    if not 0.0 <= hp["weight_decay"]:
+    if not 0.0 <= hp["weight_decay"] < math.inf:
         raise ValueError(f"Invalid weight_decay: {hp['weight_decay']}")
     if not 0.0 <= hp["c_min"] <= 1.0:
         raise ValueError(f"Invalid c_min: {hp['c_min']} (must be in [0, 1])")
-    if not 0.0 <= hp["robustness"]:
-        raise ValueError(f"Invalid robustness: {hp['robustness']} (must be >= 0)")
+    if not 0.0 <= hp["robustness"] < math.inf:
+        raise ValueError(f"Invalid robustness: {hp['robustness']} (must be >= 0 and finite)")
     if not 0.0 <= hp["rel_floor"] <= 1.0:
         raise ValueError(f"Invalid rel_floor: {hp['rel_floor']} (must be in [0, 1])")
     if hp.get("differentiable"):
@@ -48,6 +51,23 @@ def _validate(hp: dict) -> None:
             "CASMO(differentiable=True) is not supported: the step runs under no_grad. "
             "Leave differentiable=False."
         )
+
+
+def _check_param(p: torch.Tensor, state: Optional[dict]) -> None:
+    """Raises ValueError for a parameter CASMO cannot step, or whose state does not fit it,
+    before any step count or moment moves (as torch's optimizers refuse what they cannot do)."""
+    if p.dtype not in PARAM_DTYPES:
+        raise ValueError(
+            f"CASMO steps float16, bfloat16, float32 and float64 parameters, not {p.dtype} (a parameter "
+            f"of shape {tuple(p.shape)}); a complex parameter can be optimized as torch.view_as_real of it"
+        )
+    for key in ("m", "s"):
+        moment = (state or {}).get(key)
+        if isinstance(moment, torch.Tensor) and moment.shape != p.shape:
+            raise ValueError(
+                f"CASMO: the state '{key}' of a parameter of shape {tuple(p.shape)} has shape "
+                f"{tuple(moment.shape)}; was the state dict of another model loaded?"
+            )
 
 
 class CASMO(torch.optim.Optimizer):
@@ -149,6 +169,14 @@ class CASMO(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         # Validated before torch appends it, so an invalid group is not kept.
         _validate({**self.defaults, **param_group})
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # an iterator is read once; torch refuses a set itself
+            param_group["params"] = list(params)
+        for p in param_group["params"]:
+            if isinstance(p, torch.Tensor):  # torch refuses anything else itself
+                _check_param(p, None)
         super().add_param_group(param_group)
         self._metrics.setdefault(len(self.param_groups) - 1, {})
 
@@ -222,6 +250,7 @@ class CASMO(torch.optim.Optimizer):
                         "CASMO does not support sparse gradients. Use torch.optim.SparseAdam "
                         "for sparse scenarios, or densify with grad.to_dense()."
                     )
+                _check_param(p, self.state.get(p))  # a dtype or a loaded state changed since
             if params:
                 stepping.append((group_idx, group, params))
         # Every guarded gradient and every capturable lr is checked before anything moves,

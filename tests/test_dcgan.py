@@ -220,7 +220,8 @@ def write_fake_run(folder: Path, checkpoint_bytes: bytes | None = None, payload:
         ["--dataset", "shapes", "--subset", "32", "--out", str(folder)]
     )
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"script": "train_dcgan.py", "args": vars(args)}))
+    config = {"script": "train_dcgan.py", "args": vars(args)}
+    (folder / "config.json").write_text(json.dumps(config, default=str))
     if checkpoint_bytes is not None:
         (folder / "checkpoint.pt").write_bytes(checkpoint_bytes)
     if payload is not None:
@@ -267,7 +268,7 @@ def test_bad_resume_folders(tmp_path, capsys):
     fails_in_process(capsys, ["--resume", foreign, "--lr-g", "1e-3"], "--lr-g cannot change when resuming")
     fails_in_process(capsys, ["--resume", foreign, "--out", plain], "name different folders")
     started = write_fake_run(tmp_path / "started")  # died before its first checkpoint
-    fails_in_process(capsys, ["--resume", started], "without --resume")
+    fails_in_process(capsys, ["--resume", started], "cannot be resumed")
     # The same, as a user meets it: a short message and no traceback.
     check_fails(run("--resume", corrupt), "cannot read checkpoint")
 

@@ -252,7 +252,7 @@ def test_a_new_run_refuses_a_folder_holding_one(adam_run, monkeypatch, capsys):
         (["--epochs", "-3"], "positive integer"),
         (["--lr-d", "0"], "must be positive"),
         (["--label-smooth", "1.5"], "must be in (0, 1]"),
-        (["--d-opt", "casmo", "--c-min", "2"], "c_min"),
+        (["--d-opt", "casmo", "--c-min", "2"], "--c-min"),
     ],
 )
 def test_bad_arguments_fail_with_a_message(args, message, tmp_path, monkeypatch, capsys):
