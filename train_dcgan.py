@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import gan_common
 import sample_quality
+import speed_settings
 from gan_common import RunError, positive_int
 from sample_quality import SampleQualityError
 
@@ -133,12 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     gan_common.add_optimizer_args(train)
     train.add_argument(
         "--amp",
-        choices=("off", "bf16", "fp16"),
-        default="off",
-        help="autocast: bf16 on the CPU or CUDA, fp16 (with a loss scaler) on CUDA",
+        choices=("auto", "off", "bf16", "fp16"),
+        default="auto",
+        help="autocast: bf16 on the CPU or CUDA, fp16 (with a loss scaler) on CUDA; auto: bf16 where "
+        "the device computes it natively, else off (fp32)",
     )
     train.add_argument(
-        "--channels-last", action="store_true", help="channels_last memory format for both networks"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format for both networks (default: on the CPU, except under "
+        "emulated bf16)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", type=gan_common.device_name, default="auto", help=gan_common.DEVICE_FORMS)
@@ -639,6 +645,7 @@ class Run:
     # The feature space and the real set's features: on rank 0, without --no-fid.
     feature_space: sample_quality.FeatureSpace | None = None
     reference: sample_quality.Reference | None = None
+    speed_settings: dict = field(default_factory=dict)  # speed_settings.resolve's record
 
     @property
     def global_batch(self) -> int:
@@ -892,6 +899,7 @@ def start_or_resume(run: Run, nets: Nets) -> tuple[Counters, IntervalSums]:
         facts = {"world_size": run.ranks.world_size, "global_batch": run.global_batch}
         facts["feature_space"] = None if space is None else space.name
         facts["feature_space_accuracy"] = None if space is None else space.classifier_accuracy
+        facts["speed_settings"] = run.speed_settings
         gan_common.write_config(run.run_dir, SCRIPT, run.args, run.ranks.device, **facts)
     # The epochs left at this world size; with one world size throughout, this is
     # --epochs x steps per epoch.
@@ -1208,11 +1216,14 @@ def after_step(run: Run, nets: Nets, counters: Counters, sums: IntervalSums, log
 def train(args: argparse.Namespace) -> None:
     ranks = join_processes(args)
     check_args(args, ranks.device)
+    speed = speed_settings.resolve(args, ranks.device)
+    ranks.say(f"speed settings: --amp {args.amp}, channels_last {args.channels_last} ({speed['why']})")
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
     gan_common.seed_everything(args.seed)
     run_dir = Path(args.out or f"runs/dcgan-{args.dataset}-{args.g_opt}_{args.d_opt}-s{args.seed}")
     gan_common.check_run_folder(run_dir, resuming=args.resume is not None)
     run = prepare_run(args, ranks, run_dir)
+    run.speed_settings = speed
     nets = build_nets(args, ranks)
     counters, sums = start_or_resume(run, nets)
     if counters.step >= counters.total_steps:
