@@ -295,14 +295,16 @@ def stored_argv(parser: argparse.ArgumentParser, stored: dict, prefix: str) -> l
     for action in parser._actions:
         if not action.option_strings or action.dest not in stored:
             continue
-        option, value = max(action.option_strings, key=len), stored[action.dest]
-        if action.nargs == 0:  # a store_true flag
-            if not isinstance(value, bool):
-                raise RunError(f"{prefix}{action.dest} must be true or false, got {value!r}")
-            argv += [option] if value else []
-        elif value is None:
+        option, value = action.option_strings[0], stored[action.dest]
+        if value is None:
             if action.default is not None:
                 raise RunError(f"{prefix}{action.dest} is null; {option} needs a value")
+        elif action.nargs == 0:  # a flag: store_true, or --name/--no-name
+            if not isinstance(value, bool):
+                raise RunError(f"{prefix}{action.dest} must be true or false, got {value!r}")
+            if value != action.default:
+                negative = isinstance(action, argparse.BooleanOptionalAction) and not value
+                argv.append(action.option_strings[-1 if negative else 0])
         elif isinstance(action.nargs, int) and isinstance(value, list):
             argv += [option, *map(str, value)]
         else:

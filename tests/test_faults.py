@@ -109,6 +109,10 @@ def test_resume_drops_a_garbage_line_and_keeps_the_original(runs, tmp_path, caps
     assert (run_dir / "log.csv.bak").read_bytes() == damaged
     lines = csv_lines(run_dir / "log.csv")
     assert lines[:3] == csv_lines(runs["dcgan"] / "log.csv") and [line[:2] for line in lines[3:]] == ["3,"]
+    # Every stored argument came back through the parser as it was (--no-fid too).
+    original = json.loads((runs["dcgan"] / "config.json").read_text())["args"]
+    resumed = {**original, "out": str(run_dir), "resume": str(run_dir), "max_steps": 3}
+    assert json.loads((run_dir / "config.json").read_text())["args"] == resumed
 
 
 def test_resume_drops_a_torn_row_and_rows_past_the_checkpoint(runs, tmp_path, capsys):
@@ -219,21 +223,17 @@ def test_plot_logs_out_naming_a_file_or_an_unwritable_folder(runs, tmp_path, mon
     assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "locked" / "plots").exists()
 
 
-@pytest.mark.parametrize(
-    "script, argv, phrase",
-    [
-        ("train_toy2d.py", ["--device", "gpu"], "unknown device 'gpu'"),
-        ("train_toy2d.py", ["--device", "cpu", "--out", "train_toy2d.py"], "is a file"),
-    ],
-)
-def test_as_a_user_sees_it(script, argv, phrase):
-    """The exit status and the whole of stderr of a script as a command (one script: the
-    other's main ends the same way, and starting Python with torch is slow)."""
+def test_as_a_user_sees_it():
+    """The exit status and the whole of stderr of a script as a command (once: the other
+    script's main ends the same way, and starting Python with torch is slow)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, script, *argv]
+    command = [sys.executable, "train_toy2d.py", "--device", "gpu"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and phrase in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr
+        == "error: argument --device: unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps\n"
+    )
 
 
 # 6. CASMO refuses what it cannot step, and a step that raises changes nothing.
@@ -268,7 +268,7 @@ def test_a_step_that_raises_changes_nothing(breakage):
     optimizer.step()
     breakage(params[1], optimizer.state[params[1]])
     before = [p.tolist() for p in params], state_values(optimizer)
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, RuntimeError)):  # whatever the failure, it must come first
         optimizer.step()
     assert ([p.tolist() for p in params], state_values(optimizer)) == before
 
