@@ -194,3 +194,31 @@ def test_kernels_unscale_and_skip(step_fn):
     assert torch.equal(sums, torch.zeros(2, dtype=torch.float64))
     for actual, original in zip(sum(skipped, []), sum(kernel_tensors(sizes, 0), [])):
         assert torch.equal(actual, original)
+
+
+class RecordsCopies(torch.Tensor):
+    """A tensor that records the non_blocking flag of each copy of it by .to()."""
+
+    non_blocking: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            cls.non_blocking.append((kwargs or {}).get("non_blocking", False))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaler_values_reach_cpu_parameters_by_a_blocking_copy(backend, monkeypatch):
+    """A CUDA GradScaler with CPU parameters: the step reads grad_scale and found_inf on the
+    host at once, so their copies to the CPU must have landed (a non-blocking copy from a
+    GPU may not have). Here on CPU tensors, the copies' flag is what can be checked."""
+    monkeypatch.setattr(RecordsCopies, "non_blocking", [])
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = CASMO([p], **backend)
+    p.grad = torch.full((5,), 8.0)
+    opt.grad_scale = torch.tensor(8.0).as_subclass(RecordsCopies)
+    opt.found_inf = torch.tensor(0.0).as_subclass(RecordsCopies)
+    opt.step()
+    assert len(RecordsCopies.non_blocking) >= 2 and not any(RecordsCopies.non_blocking)
+    assert opt.state[p]["step"] == 1
