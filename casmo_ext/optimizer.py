@@ -294,15 +294,7 @@ class CASMO(torch.optim.Optimizer):
             self._init_group(group, *columns)
         else:
             self._gather_group(group, *columns)
-        buckets: dict[tuple, tuple] = {}
-        for p, grad, m, s, step in zip(*columns):
-            grad = torch.neg(grad) if group["maximize"] else grad
-            if grad.stride() != p.stride():
-                grad = torch.empty_like(p).copy_(grad)
-            bucket = buckets.setdefault((p.device, p.dtype, m.dtype), ([], [], [], [], []))
-            for column, value in zip(bucket, (p, grad, m, s, step)):
-                column.append(value)
-
+        buckets, copies = _buckets(columns, group["maximize"])
         totals: dict[torch.device, torch.Tensor] = {}
         for (device, dtype, moment_dtype), (ps, gs, ms, ss, steps) in buckets.items():
             grad_scale, found_inf = scaling.on(device)
@@ -311,6 +303,8 @@ class CASMO(torch.optim.Optimizer):
             sums = self._dispatch(device, kernel_dtype, group, ps, gs, ms, ss, steps, grad_scale, found_inf)
             counted = torch.cat((sums, sums.new_full((1,), float(sum(p.numel() for p in ps)))))
             totals[device] = totals[device] + counted if device in totals else counted
+        if scaling.grad_scale is not None:
+            _write_back_unscaled(copies, group["maximize"])
         for device, counted in totals.items():
             found_inf = scaling.on(device)[1]
             if found_inf is not None:  # a skipped step keeps the group's last metrics
@@ -392,6 +386,35 @@ class CASMO(torch.optim.Optimizer):
         return False
 
 
+def _buckets(columns: tuple, maximize: bool) -> tuple[dict, list]:
+    """The gathered columns (params, grads, m, s, steps) split by (device, dtype, moment
+    dtype), and the gradients that the step takes as copies (negated for maximize, or laid
+    out as their parameter) as (gradient, copy) pairs."""
+    buckets: dict[tuple, tuple] = {}
+    copies = []
+    for p, grad, m, s, step in zip(*columns):
+        stepped = torch.neg(grad) if maximize else grad
+        if stepped.stride() != p.stride():
+            stepped = torch.empty_like(p).copy_(stepped)
+        if maximize or stepped.stride() != grad.stride():
+            copies.append((grad, stepped))
+        bucket = buckets.setdefault((p.device, p.dtype, m.dtype), ([], [], [], [], []))
+        for column, value in zip(bucket, (p, stepped, m, s, step)):
+            column.append(value)
+    return buckets, copies
+
+
+def _write_back_unscaled(copies: list, maximize: bool) -> None:
+    """Under a GradScaler the step unscales the gradients it takes in place, as torch's fused
+    Adam does; a gradient taken as a copy gets the copy's values back (the values it had
+    when found_inf skipped the step: the copy was then left as made)."""
+    for grad, stepped in copies:
+        if maximize:
+            torch.neg(stepped, out=grad)
+        else:
+            grad.copy_(stepped)
+
+
 def _init_state(state: dict, p: torch.Tensor, group: dict, tensor_steps: bool) -> None:
     # Made on the device, as torch's Adam makes them: no copy from host memory.
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if tensor_steps else 0
@@ -435,11 +458,12 @@ def _lr_for(group: dict, device: torch.device):
 
 def _fallback_step(fallback, ps, gs, ms, ss, steps, lr, hyper: dict, grad_scale, found_inf) -> torch.Tensor:
     """`fallback` (foreach or reference) under a GradScaler: it reads found_inf on the host
-    (a device sync off the CPU) and unscales by multiplying, as GradScaler.unscale_ does."""
+    (a device sync off the CPU) and unscales the gradients in place by multiplying, as
+    GradScaler.unscale_ does."""
     if found_inf is not None and found_inf.item():
         return torch.zeros(2, dtype=torch.float64, device=ps[0].device)
-    if grad_scale is not None:
-        gs = torch._foreach_mul(gs, grad_scale.reciprocal())
+    if grad_scale is not None:  # in place, as the kernels and torch's fused Adam unscale
+        torch._foreach_mul_(gs, grad_scale.reciprocal())
     return fallback(ps, gs, ms, ss, steps, lr=lr, **hyper)
 
 

@@ -64,7 +64,7 @@ struct LaunchArgs {
   double* agar_partials;  // one per chunk of the group, tensor after tensor
   double* conf_partials;
   scalar_t* params[kMaxTensors];
-  const scalar_t* grads[kMaxTensors];
+  scalar_t* grads[kMaxTensors];  // written (unscaled) when grad_scale is set
   scalar_t* ms[kMaxTensors];
   scalar_t* ss[kMaxTensors];
   int64_t numel[kMaxTensors];
@@ -171,7 +171,8 @@ __device__ __forceinline__ void load_round(const scalar_t* __restrict__ a, const
   }
 }
 
-// Stage 1: m, s of one chunk; the chunk's sum of agar_i into agar_partials.
+// Stage 1: m, s of one chunk; the chunk's sum of agar_i into agar_partials. Under a
+// GradScaler the unscaled gradient is written back, as torch's fused Adam does.
 template <typename scalar_t, int kBlockSize>
 __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   __shared__ double reduction_buffer[kBlockSize];
@@ -179,7 +180,8 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   const BlockChunk c = block_chunk(args);
   const Hyper h = block_hyper(args);
   const MomentConsts mc = block_moment_consts(args, c.slot);
-  const scalar_t* __restrict__ g = args.grads[c.slot] + c.begin;
+  const bool store_grad = args.grad_scale != nullptr;
+  scalar_t* __restrict__ g = args.grads[c.slot] + c.begin;
   scalar_t* __restrict__ m = args.ms[c.slot] + c.begin;
   scalar_t* __restrict__ s = args.ss[c.slot] + c.begin;
 
@@ -194,7 +196,9 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
     for (int u = 0; u < kIlp; ++u) {
       const int64_t i = base + u * kBlockSize;
       if (i < c.count) {
-        update_moments(gi[u], mi[u], si[u], h);
+        const float unscaled = unscale(gi[u], h);
+        if (store_grad) g[i] = static_cast<scalar_t>(unscaled);
+        update_moments(unscaled, mi[u], si[u], h);
         m[i] = static_cast<scalar_t>(mi[u]);
         s[i] = static_cast<scalar_t>(si[u]);
         float m_hat, total;
@@ -268,7 +272,7 @@ __global__ void group_sums_kernel(const double* agar_partials, const double* con
 template <typename scalar_t>
 struct TensorRefs {
   scalar_t* param;
-  const scalar_t* grad;
+  scalar_t* grad;
   scalar_t* m;
   scalar_t* s;
   int64_t numel;
@@ -355,7 +359,8 @@ void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchAr
 // the tensors' device. lr_tensor (optional) on the tensors' device is read in the
 // kernel; on the CPU (with device tensors) its value is read here, without a sync.
 // grad_scale and found_inf (optional, GradScaler's) are float32 scalars on the tensors'
-// device, read in the kernels. Returns float64 [sum agar_i, sum C_i] on the tensors'
+// device, read in the kernels; with grad_scale the gradients are unscaled in place
+// (unless found_inf skips the step). Returns float64 [sum agar_i, sum C_i] on the tensors'
 // device (zeros for a skipped step).
 template <int kBlockSize, typename Launcher>
 at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params,

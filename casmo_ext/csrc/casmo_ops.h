@@ -7,8 +7,9 @@
 // Its arguments: each tensor's step count after this step, as floats (steps) or as
 // float32 scalars on the tensors' device (step_tensors), one of the two lists empty; lr,
 // or lr_tensor when given; the group's hyper-parameters; GradScaler's grad_scale (the
-// gradients are multiplied by its reciprocal) and found_inf (nonzero: nothing changes
-// and the sums are zeros), both optional one-element float32 tensors.
+// gradients are multiplied by its reciprocal, in place, as torch's fused Adam unscales
+// them) and found_inf (nonzero: nothing changes, the gradients included, and the sums
+// are zeros), both optional one-element float32 tensors.
 #pragma once
 
 #include <ATen/ATen.h>
