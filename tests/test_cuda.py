@@ -4,6 +4,7 @@ that the build compiled them where CI expects it to."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import pytest
@@ -306,7 +307,7 @@ def test_capturable_run_resumed_from_int_steps_is_captured():
     """A checkpoint with int steps loaded for a capturable group: the first step can be
     captured at once, and the graph advances the steps it loaded."""
     eager, eager_opt = run({"fused": True}, torch.float32, num_steps=2, seed=4)
-    saved = eager_opt.state_dict()
+    saved = copy.deepcopy(eager_opt.state_dict())  # loading would alias its state tensors
     saved["param_groups"][0]["capturable"] = True
     graphed = [torch.nn.Parameter(p.detach().clone()) for p in eager]
     graphed_opt = CASMO(graphed, capturable=True, fused=True)

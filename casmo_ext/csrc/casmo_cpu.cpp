@@ -339,6 +339,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("c_min"),
              pybind11::arg("robustness"), pybind11::arg("rel_floor"), pybind11::arg("chunk_size"),
              pybind11::arg("grad_scale") = pybind11::none(), pybind11::arg("found_inf") = pybind11::none());
+  module.def("cuda_emulated_partials_read", &casmo::cuda_emulated_partials_read,
+             "Partial sums the emulated kernels' reductions have read so far (for tests)");
   module.def("cuda_launch_limits", []() {
     pybind11::dict limits;
     for (const auto& [name, value] : casmo::cuda_launch_limits()) limits[pybind11::str(name)] = value;

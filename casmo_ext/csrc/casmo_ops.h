@@ -55,6 +55,10 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
                               double rel_floor, int64_t chunk_size, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf);
 
+// How many partial sums the emulated kernels' reductions have read since the process
+// started (for tests: each tensor's partials are to be read once by its sum).
+int64_t cuda_emulated_partials_read();
+
 // The launch-packing limits of the CUDA kernels, so tests can exceed them:
 // {"max_tensors", "max_blocks", "block_size", "emulated_block_size", "default_chunk_size"}.
 std::vector<std::pair<std::string, int64_t>> cuda_launch_limits();
