@@ -100,6 +100,17 @@ def test_no_host_sync_in_step():
             optimizer.step()
 
 
+def step_eager_and_replay(eager, eager_opt, graphed, graph, steps, seed):
+    """Eager steps and replays of a captured step, with the same gradients."""
+    for step in steps:
+        for p, q, g in zip(eager, graphed, make_grads(eager, step, seed=seed)):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        eager_opt.step()
+        graph.replay()
+    torch.cuda.synchronize()
+
+
 @cuda_test
 def test_capturable_step_in_a_cuda_graph():
     """A graphed capturable step replays to the same result as eager steps."""
@@ -128,14 +139,7 @@ def test_capturable_step_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         graphed_opt.step()
 
-    for step in range(1, 4):
-        grads = make_grads(eager, step, seed=3)
-        for p, q, g in zip(eager, graphed, grads):
-            p.grad = g.clone()
-            q.grad.copy_(g)
-        eager_opt.step()
-        graph.replay()
-    torch.cuda.synchronize()
+    step_eager_and_replay(eager, eager_opt, graphed, graph, range(1, 4), seed=3)
     for p, q in zip(eager, graphed):
         assert torch.equal(p, q)
         assert graphed_opt.state[q]["step"].item() == 3
@@ -317,13 +321,7 @@ def test_capturable_run_resumed_from_int_steps_is_captured():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed_opt.step()
-    for step in (3, 4):
-        for p, q, g in zip(eager, graphed, make_grads(eager, step, seed=4)):
-            p.grad = g.clone()
-            q.grad.copy_(g)
-        eager_opt.step()
-        graph.replay()
-    torch.cuda.synchronize()
+    step_eager_and_replay(eager, eager_opt, graphed, graph, (3, 4), seed=4)
     for p, q in zip(eager, graphed):
         assert torch.equal(p, q) and graphed_opt.state[q]["step"].item() == 4
 
