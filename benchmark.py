@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ import gan_common
 import gan_data
 import run_summary
 import sample_quality
+import speed_settings
 from run_summary import CONTROL_SUFFIX
 
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.jobs is None:
         args.jobs = (os.cpu_count() or 1) if args.device == "cpu" else 1
+    # Resolved once, so every DCGAN run of the grid uses one precision.
+    args.speed_settings = speed_settings.resolve(args, torch.device(args.device))
     return args
 
 
@@ -130,12 +134,17 @@ def add_dcgan_args(parser: argparse.ArgumentParser) -> None:
     dcgan.add_argument("--eval-every", type=int, default=250, help="steps between sample-quality evaluations")
     dcgan.add_argument("--eval-samples", type=int, default=1000, help="images per evaluation")
     dcgan.add_argument("--g-ema", type=float, default=0.999, help="decay of the EMA generator (0: none)")
-    dcgan.add_argument("--amp", choices=("off", "bf16"), default="bf16", help="the DCGAN's --amp")
+    dcgan.add_argument(
+        "--amp",
+        choices=("auto", "off", "bf16"),
+        default="auto",
+        help="the DCGAN's --amp, one for the whole grid (auto: bf16 where --device computes it natively)",
+    )
     dcgan.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the DCGAN's --channels-last",
+        default=None,
+        help="the DCGAN's --channels-last (default: chosen for --device with --amp)",
     )
 
 
@@ -206,7 +215,7 @@ def dcgan_job(args: argparse.Namespace, folder: Path, config: str, seed: int, *o
     python = sys.executable
     command = [python, "train_dcgan.py", *optimizers(config), "--seed", str(seed), *options]
     command += ["--dataset", args.dataset, "--data-root", str(args.data_root), "--subset", str(args.subset)]
-    command += ["--amp", args.amp, *(["--channels-last"] if args.channels_last else [])]
+    command += ["--amp", args.amp, "--channels-last" if args.channels_last else "--no-channels-last"]
     command += ["--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples)]
     command += ["--g-ema", str(args.g_ema)] if args.g_ema else []
     command += ["--sample-every", str(args.eval_every), "--log-every", "10", "--device", args.device]
@@ -451,13 +460,15 @@ def set_caption(args: argparse.Namespace, name: str) -> str:
 def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: dict[str, list[dict]]) -> Path:
     """results.md: per set, the configuration rows of plot_logs.py's summary, with the machine
     record; machine.json beside it."""
-    record = gan_common.environment()
+    record = {**gan_common.environment(), "speed_settings": args.speed_settings}
     gpu = f", GPU {record['gpu']}" if record["gpu"] and args.device.startswith("cuda") else ""
     lines = [
         "# CASMO GAN-stability benchmark: results",
         "",
         f"Measured {record['date']} on {record['cpu']} ({record['cpu_cores']} cores){gpu}; "
         f"Python {record['python']}, torch {record['torch']}; command `{record['command']}`.",
+        f"DCGAN speed settings: --amp {args.amp}, channels_last {args.channels_last} "
+        f"({args.speed_settings['why']}).",
         "Losses and checks: mean ± sample std over seeds; sample quality: mean [95% t-interval "
         "over seeds] (plot_logs.py's summary.csv, configuration rows).",
         "",

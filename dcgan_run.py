@@ -51,6 +51,7 @@ class Session:
     # The feature space and the real set's features: on rank 0, without --no-fid.
     feature_space: sample_quality.FeatureSpace | None = None
     reference: sample_quality.Reference | None = None
+    speed_settings: dict = field(default_factory=dict)  # speed_settings.resolve's record
 
     @property
     def global_batch(self) -> int:

@@ -31,6 +31,7 @@ import gan_common
 import gan_ddp
 import run_log
 import sample_quality
+import speed_settings
 from dcgan_eval import STABILISER_HINT, measure_diversity, measure_quality, scoring_only, write_grid
 from dcgan_run import (
     NZ,
@@ -85,12 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     gan_common.add_optimizer_args(train)
     train.add_argument(
         "--amp",
-        choices=("off", "bf16", "fp16"),
-        default="off",
-        help="autocast: bf16 on the CPU or CUDA, fp16 (with a loss scaler) on CUDA",
+        choices=("auto", "off", "bf16", "fp16"),
+        default="auto",
+        help="autocast: bf16 on the CPU or CUDA, fp16 (with a loss scaler) on CUDA; auto: bf16 where "
+        "the device computes it natively, else off (fp32)",
     )
     train.add_argument(
-        "--channels-last", action="store_true", help="channels_last memory format for both networks"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format for both networks (default: on the CPU, except under "
+        "emulated bf16)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -459,12 +465,15 @@ def write_config(session: Session) -> None:
     facts = {"world_size": session.ranks.world_size, "global_batch": session.global_batch}
     facts["feature_space"] = None if space is None else space.name
     facts["feature_space_accuracy"] = None if space is None else space.classifier_accuracy
+    facts["speed_settings"] = session.speed_settings
     gan_common.write_config(session.run_dir, SCRIPT, session.args, session.ranks.device, **facts)
 
 
 def train(args: argparse.Namespace) -> None:
     ranks = gan_ddp.join_processes(args)
     check_args(args, ranks.device)
+    speed = speed_settings.resolve(args, ranks.device)
+    ranks.say(f"speed settings: --amp {args.amp}, channels_last {args.channels_last} ({speed['why']})")
     if args.tensorboard:
         run_log.check_tensorboard()
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
@@ -472,6 +481,7 @@ def train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out or f"runs/dcgan-{args.dataset}-{args.g_opt}_{args.d_opt}-s{args.seed}")
     gan_common.check_run_folder(run_dir, SCRIPT, resuming=args.resume is not None)
     session = prepare_session(args, ranks, run_dir)
+    session.speed_settings = speed
     training = start_or_resume(session, build_nets(args, ranks))
     write_config(session)
     counters, nets = training.counters, training.nets

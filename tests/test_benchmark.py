@@ -18,6 +18,7 @@ import pytest
 import benchmark
 import plot_logs
 import run_summary
+import speed_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -36,7 +37,9 @@ TINY += ["--eval-every", "5", "--eval-samples", "32", "--control-configs", "casm
 TINY += ["--sweep-robustness", "0", "--dcgan-sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
 
 
-def test_default_grid_is_four_configurations_by_several_seeds():
+def test_default_grid_is_four_configurations_by_several_seeds(monkeypatch):
+    # A CPU with native bf16 (AMX Xeon), where the grid's default is bf16 + channels_last.
+    monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (True, "mocked AMX"))
     sets = benchmark.plan(benchmark.parse_args([]))
     assert [len(jobs) for jobs in sets.values()] == [4 * 5, 4 * 3, 2 * 2]
     toy = sets["toy2d"]
@@ -51,6 +54,17 @@ def test_default_grid_is_four_configurations_by_several_seeds():
         assert option in options
     sweep = {job.command[job.command.index("--robustness") + 1] for job in sets["toy2d-robustness"]}
     assert sweep == {"0.0", "1.0"}
+
+
+def test_default_grid_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (False, "mocked AVX2 EPYC"))
+    args = benchmark.parse_args([])
+    command = benchmark.plan(args)["dcgan-shapes"][0].command
+    assert command[command.index("--amp") + 1] == "off" and "--channels-last" in command
+    assert args.speed_settings["chosen"] == {"amp": "off", "channels_last": True}
+    assert benchmark.plan(benchmark.parse_args(["--amp", "bf16"]))["dcgan-shapes"][0].command.count(
+        "--no-channels-last"
+    )
 
 
 def test_small_grid_and_full_dcgan_budget():
