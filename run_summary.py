@@ -62,7 +62,7 @@ PROGRESS_BAR_FROM = 5  # runs
 
 
 class NotARun(Exception):
-    """A folder that cannot be plotted; the message says why."""
+    """A folder that cannot be read as a run; the message says why."""
 
 
 class Columns(dict):

@@ -9,7 +9,8 @@ over all 200 classes, batch 16, lr 2e-4, betas (0.5, 0.999), real label 0.9, 50 
 
 A run folder holds config.json, log.csv (every --log-every steps), quality.csv (one row
 per epoch), samples/*.png (8x8 grids of one fixed noise batch) and checkpoint.pt; a run
-under torchrun also writes replicas.json (whether all processes ended with the same weights).
+under torchrun also writes replicas.json (whether all processes ended with the same weights),
+and one with --tensorboard tensorboard/ (the rows of both CSV files and the grids).
 """
 
 from __future__ import annotations

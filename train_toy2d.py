@@ -9,7 +9,7 @@ The defaults reproduce the course report's toy GAN:
 
 A run folder holds config.json, log.csv (one row per --log-every generator steps),
 quality.csv (one row per evaluation), samples/epoch_XXX.png, real/generated/overlay.png,
-real.csv, generated.csv and checkpoint.pt.
+real.csv, generated.csv and checkpoint.pt; with --tensorboard also tensorboard/.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class Discriminator(nn.Module):
         return self.net(points).squeeze(1)
 
 
-# -------------------------------------------------------------------------- quality
+# --------------------------------------------------------- the console and the plots
 
 
 def format_quality(quality: dict) -> str:

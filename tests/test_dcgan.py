@@ -363,7 +363,7 @@ def test_download_checks_the_md5_and_extracts(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("CASMO_TINYIMAGENET_URL", url)
         with pytest.raises(gan_data.DataError, match="not the official archive"):
             gan_data.find_tinyimagenet(tmp_path / "wrong-md5")
-        monkeypatch.setattr(train_dcgan, "TINYIMAGENET_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+        monkeypatch.setattr(gan_data, "TINYIMAGENET_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
         folder = gan_data.find_tinyimagenet(tmp_path / "data")
     finally:
         server.shutdown()
