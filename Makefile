@@ -2,7 +2,8 @@
 #   make demo   installs into .venv, builds the kernels and runs the main job
 #   make test   installs into .venv, builds the kernels and runs the whole test suite
 # Also: make bench (optimizer step benchmark), make throughput, make benchmark, make lint,
-# make check-arm (the C++ sources compiled for aarch64 with a cross compiler).
+# make check-arm (the C++ sources compiled for aarch64 with a cross compiler), make
+# check-ptxas (the CUDA kernels' registers, no GPU needed), make gpu-check (on a GPU).
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +17,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput speed-check benchmark benchmark-small lint install check-arm
+.PHONY: demo test bench throughput speed-check benchmark benchmark-small lint install check-arm check-ptxas gpu-check
 
 install: $(VENV)/.built $(VENV)/pip.conf
 
@@ -37,7 +38,7 @@ $(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
 	cp venv-pip.conf $@
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The main job, small: what the benchmark compares, on one seed. The semicircle toy and a
 # 1,000-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
@@ -96,3 +97,18 @@ check-arm: $(VENV)/.deps
 		echo "$(ARM_CXX) -fsyntax-only $$source"; \
 		$(ARM_CXX) -std=c++20 -fsyntax-only -Wno-psabi -DTORCH_EXTENSION_NAME=_C $$includes $$source || exit 1; \
 	done
+
+# The CUDA kernels compiled alone with nvcc -Xptxas -v for each architecture of
+# TORCH_CUDA_ARCH_LIST: fails on a register spill or on more registers per thread than a
+# 512-thread block allows (128), which would otherwise fail only at launch on a GPU.
+# Needs nvcc, not a GPU; about a minute.
+check-ptxas: $(VENV)/.deps
+	$(PY) tools/check_ptxas.py
+
+# The GPU acceptance run (docs/speed.md): builds for this machine's GPU, runs
+# tests/test_cuda.py, the step benchmark, a compiled and a graphed step and the DCGAN
+# throughput, within 8 minutes, and writes runs/gpu-check-<time>/report.md. Without a GPU
+# it prints one line and exits with status 2. Any Python with torch can run it:
+# make gpu-check PY=python3.
+gpu-check:
+	$(PY) tools/gpu_check.py

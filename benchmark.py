@@ -36,14 +36,16 @@ from PIL import Image
 from tqdm import tqdm
 
 import gan_common
-import plot_logs
+import gan_data
+import run_summary
 import sample_quality
 import speed_settings
-import train_dcgan
+from run_summary import CONTROL_SUFFIX
 
 CONFIGS = ("adam_adam", "casmo_adam", "adam_casmo", "casmo_casmo")
 DEFAULT_ROBUSTNESS = 0.5  # CASMO's default, which the main grid uses
 DONE_MARKER = "benchmark_done"  # written into a run folder once its script exited cleanly
+HERE = Path(__file__).parent  # the scripts' folder, where every run starts
 
 
 class ControlError(Exception):
@@ -61,22 +63,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a quick look: 2 toy seeds of 60 epochs, 1 DCGAN seed of 150 steps, no sweep "
         "(its own default --out, runs/benchmark-small)",
     )
+    add_grid_args(parser)
+    add_dcgan_args(parser)
+    add_derived_args(parser)
+    machine = parser.add_argument_group("where and how")
+    machine.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, cuda:1, ...)")
+    machine.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs side by side (default: the number of CPU cores on the CPU, 1 on a GPU)",
+    )
+    machine.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy what redraws every table and figure into DIR (logs, configs, grids as "
+        "JPEG; no checkpoints), e.g. docs/results",
+    )
+    machine.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
+    args = parser.parse_args(argv)
+    if args.small:
+        apply_small(args, parser)
+    for name in COUNTS:
+        if getattr(args, name) < 0 or (name.endswith("epochs") and getattr(args, name) == 0):
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.jobs is None:
+        args.jobs = (os.cpu_count() or 1) if args.device == "cpu" else 1
+    # Resolved once, so every DCGAN run of the grid uses one precision.
+    args.speed_settings = speed_settings.resolve(args, torch.device(args.device))
+    return args
+
+
+# Options that count something and must not be negative (epochs: positive).
+COUNTS = (
+    "toy_seeds",
+    "dcgan_seeds",
+    "sweep_seeds",
+    "toy_epochs",
+    "dcgan_epochs",
+    "eval_every",
+    "eval_samples",
+)
+# --small: these values, for every option left at its default.
+SMALL = dict(
+    toy_seeds=2, toy_epochs=60, dcgan_seeds=1, dcgan_steps=150, eval_every=50, control_configs=[],
+    sweep_robustness=[], dcgan_sweep_robustness=[],
+)  # fmt: skip
+
+
+def add_grid_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toy-seeds", type=int, default=5, help="seeds 0..N-1 of every toy configuration")
     parser.add_argument("--toy-epochs", type=int, default=200)
     parser.add_argument("--dcgan-seeds", type=int, default=3, help="seeds 0..N-1 of each DCGAN configuration")
     parser.add_argument(
         "--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="the main grid's"
     )
-    parser.add_argument(
-        "--dataset", choices=train_dcgan.DATASETS, default="shapes", help="the DCGAN's --dataset"
-    )
-    parser.add_argument("--data-root", type=Path, default=Path("data"), help="the DCGAN's --data-root")
-    parser.add_argument("--subset", type=int, default=2048, help="the DCGAN's --subset")
-    parser.add_argument(
+
+
+def add_dcgan_args(parser: argparse.ArgumentParser) -> None:
+    dcgan = parser.add_argument_group("DCGAN data, length, evaluation and speed (every run alike)")
+    dcgan.add_argument("--dataset", choices=gan_data.DATASETS, default="shapes", help="the DCGAN's --dataset")
+    dcgan.add_argument("--data-root", type=Path, default=Path("data"), help="the DCGAN's --data-root")
+    dcgan.add_argument("--subset", type=int, default=2048, help="the DCGAN's --subset")
+    dcgan.add_argument(
         "--dcgan-steps", type=int, default=2000, help="the DCGAN's --max-steps (0: run all --dcgan-epochs)"
     )
-    parser.add_argument("--dcgan-epochs", type=int, default=50, help="the DCGAN's --epochs")
-    dcgan = parser.add_argument_group("DCGAN evaluation and speed (every configuration alike)")
+    dcgan.add_argument("--dcgan-epochs", type=int, default=50, help="the DCGAN's --epochs")
     dcgan.add_argument("--eval-every", type=int, default=250, help="steps between sample-quality evaluations")
     dcgan.add_argument("--eval-samples", type=int, default=1000, help="images per evaluation")
     dcgan.add_argument("--g-ema", type=float, default=0.999, help="decay of the EMA generator (0: none)")
@@ -92,23 +146,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the DCGAN's --channels-last (default: chosen for --device with --amp)",
     )
-    parser.add_argument(
+
+
+def add_derived_args(parser: argparse.ArgumentParser) -> None:
+    derived = parser.add_argument_group("the control and the robustness sweeps")
+    derived.add_argument(
         "--control-configs",
         nargs="*",
         default=["casmo_adam", "adam_casmo", "casmo_casmo"],
         choices=CONFIGS[1:],
         help="configurations that get the control (Adam at their mean CASMO step), on the toy and the DCGAN",
     )
-    parser.add_argument(
+    derived.add_argument(
         "--sweep-robustness",
         type=float,
         nargs="*",
         default=[0.0, 1.0],
         help="robustness values run besides the default 0.5 for the toy's sweep (none: no sweep)",
     )
-    parser.add_argument("--sweep-configs", nargs="*", default=["casmo_casmo"], choices=CONFIGS)
-    parser.add_argument("--sweep-seeds", type=int, default=2, help="seeds 0..N-1 of every sweep point")
-    parser.add_argument(
+    derived.add_argument("--sweep-configs", nargs="*", default=["casmo_casmo"], choices=CONFIGS)
+    derived.add_argument("--sweep-seeds", type=int, default=2, help="seeds 0..N-1 of every sweep point")
+    derived.add_argument(
         "--dcgan-sweep-robustness",
         type=float,
         nargs="*",
@@ -116,49 +174,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="robustness values run besides 0.5 on the DCGAN, for the CASMO configuration with the "
         "lowest final KID (EMA G), --sweep-seeds seeds (none: no sweep)",
     )
-    parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, cuda:1, ...)")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=None,
-        help="runs side by side (default: the number of CPU cores on the CPU, 1 on a GPU)",
-    )
-    parser.add_argument(
-        "--publish",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="also copy what redraws every table and figure into DIR (logs, configs, grids as "
-        "JPEG; no checkpoints), e.g. docs/results",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
-    args = parser.parse_args(argv)
-    if args.small:
-        small = dict(
-            toy_seeds=2, toy_epochs=60, dcgan_seeds=1, dcgan_steps=150, eval_every=50, control_configs=[],
-            sweep_robustness=[], dcgan_sweep_robustness=[],
-        )  # fmt: skip
-        for name, value in small.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-        if args.out == parser.get_default("out"):
-            args.out = Path("runs/benchmark-small")
-    for name in (
-        "toy_seeds",
-        "dcgan_seeds",
-        "sweep_seeds",
-        "toy_epochs",
-        "dcgan_epochs",
-        "eval_every",
-        "eval_samples",
-    ):
-        if getattr(args, name) < 0 or (name.endswith("epochs") and getattr(args, name) == 0):
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.jobs is None:
-        args.jobs = (os.cpu_count() or 1) if args.device == "cpu" else 1
-    # Resolved once, so every DCGAN run of the grid uses one precision.
-    args.speed_settings = speed_settings.resolve(args, torch.device(args.device))
-    return args
+
+
+def apply_small(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--small's values for the options left at their defaults, and its own default --out."""
+    for name, value in SMALL.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if args.out == parser.get_default("out"):
+        args.out = Path("runs/benchmark-small")
 
 
 @dataclass
@@ -237,7 +261,6 @@ def dcgan_set(args: argparse.Namespace) -> str:
 
 # The control: Adam with the learning rate of each CASMO-driven network scaled by the
 # mean confidence CASMO gave it, so that its mean step size matches CASMO's.
-CONTROL_SUFFIX = plot_logs.CONTROL_SUFFIX
 
 
 def control_learning_rates(jobs: list[Job], config: str) -> dict[str, float]:
@@ -248,9 +271,8 @@ def control_learning_rates(jobs: list[Job], config: str) -> dict[str, float]:
     for network, optimizer in zip("gd", config.split("_")):
         if optimizer != "casmo":
             continue
-        confidences = [
-            float(np.nanmean(plot_logs.read_numeric_csv(run / "log.csv")[f"conf_{network}"])) for run in runs
-        ]
+        logs = [run_summary.read_numeric_csv(run / "log.csv") for run in runs]
+        confidences = [float(np.nanmean(log[f"conf_{network}"])) for log in logs]
         lrs = {json.loads((run / "config.json").read_text())["args"][f"lr_{network}"] for run in runs}
         if len(lrs) != 1 or not all(np.isfinite(confidences)):
             raise ControlError(
@@ -320,9 +342,7 @@ def prepare_data(args: argparse.Namespace) -> None:
     runs read. The same for the feature space of the sample-quality measures."""
     if args.dataset != "shapes":
         for seed in range(args.dcgan_seeds):
-            train_dcgan.load_images(
-                args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1
-            )
+            gan_data.load_images(args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1)
     # The feature space too: the shapes classifier is trained once, here, not by every run.
     sample_quality.feature_space_for(args.dataset, args.data_root)
 
@@ -340,7 +360,7 @@ def run(job: Job, log_dir: Path, threads: int) -> tuple[Job, int, Path]:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
         returncode = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=Path(__file__).parent
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=HERE
         ).returncode
     if returncode == 0:
         (job.folder / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -457,12 +477,12 @@ def write_results(args: argparse.Namespace, sets: dict[str, list[Job]], rows: di
         configurations = [row for row in rows[name] if row["scope"] == "configuration"]
         lines += [f"## {name}", "", set_caption(args, name), ""]
         if name.startswith("dcgan"):
-            lines += plot_logs.markdown_table(configurations, DCGAN_COLUMNS) + [""]
-            lines += plot_logs.markdown_table(
-                configurations, DCGAN_QUALITY_COLUMNS, cell=plot_logs.interval_cell
+            lines += run_summary.markdown_table(configurations, DCGAN_COLUMNS) + [""]
+            lines += run_summary.markdown_table(
+                configurations, DCGAN_QUALITY_COLUMNS, cell=run_summary.interval_cell
             )
         else:
-            lines += plot_logs.markdown_table(configurations, TOY_COLUMNS)
+            lines += run_summary.markdown_table(configurations, TOY_COLUMNS)
         lines += [""]
     lines += [
         "Definitions: plot_logs.py's summary.md in each plots folder. *final*: the last evaluation "
@@ -486,7 +506,7 @@ def plan_dcgan_sweep(args: argparse.Namespace, sets: dict[str, list[Job]]) -> di
 
     def final_kid(config: str) -> float:
         runs = [job.folder for job in jobs if job.config == config]
-        return float(np.mean([plot_logs.read_numeric_csv(run / "quality.csv")[column][-1] for run in runs]))
+        return float(np.mean([run_summary.read_numeric_csv(run / "quality.csv")[column][-1] for run in runs]))
 
     best = min(sorted({job.config for job in jobs}), key=final_kid)
     name = f"{dcgan_set(args)}-robustness"
@@ -518,21 +538,27 @@ def run_phases(args: argparse.Namespace, log_dir: Path) -> dict[str, list[Job]] 
 
 
 def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[str, list[dict]]:
-    """plot_logs.py's figures and tables per set, into OUT/plots/<set>/; a control set and a
-    sweep are drawn with the runs they are compared against."""
+    """plot_logs.py's figures and tables per set, into OUT/plots/<set>/, and the set's summary
+    rows; a control set and a sweep are drawn with the runs they are compared against."""
     plots, rows = args.out / "plots", {}
     for name, set_jobs in sets.items():
-        folders = [str(job.folder) for job in set_jobs]
-        extra = []
+        folders = [job.folder for job in set_jobs]
+        group_by = []
         base = name.removesuffix(CONTROL_SUFFIX).removesuffix("-robustness")
         if name.endswith(CONTROL_SUFFIX):
-            folders += [str(job.folder) for job in sets[base]]
+            folders += [job.folder for job in sets[base]]
         elif name.endswith("-robustness"):
             sweep = {job.config for job in set_jobs}
             seeds = {job.seed for job in set_jobs}
-            folders += [str(job.folder) for job in sets[base] if job.config in sweep and job.seed in seeds]
-            extra = ["--group-by", "robustness"]
-        rows[name] = plot_logs.report(plot_logs.parse_args([*folders, "--out", str(plots / name), *extra]))
+            folders += [job.folder for job in sets[base] if job.config in sweep and job.seed in seeds]
+            group_by = ["robustness"]
+        runs, _ = run_summary.read_runs(folders, group_by)
+        rows[name] = run_summary.summary_rows(run_summary.comparison_sets(runs))
+        command = [sys.executable, "plot_logs.py", *map(str, folders), "--out", str(plots / name)]
+        command += ["--group-by", *group_by] if group_by else []
+        sys.stdout.flush()  # plot_logs.py's lines after this script's own
+        if subprocess.run(command, cwd=HERE).returncode:
+            raise run_summary.NotARun(f"plot_logs.py could not draw the runs of {name} (see its message)")
     return rows
 
 
@@ -555,10 +581,9 @@ def publish(args: argparse.Namespace, sets: dict[str, list[Job]]) -> None:
                 "ema/final": job.folder / "samples" / "ema" / "final.png",
             }
             if job.seed == 0:
-                by_step = plot_logs.step_grids(job.folder)
-                grids |= {
-                    f"step_{step:06d}": by_step[step] for step in plot_logs.side_by_side_steps(list(by_step))
-                }
+                by_step = run_summary.step_grids(job.folder)
+                shown = run_summary.side_by_side_steps(list(by_step))
+                grids |= {f"step_{step:06d}": by_step[step] for step in shown}
             for stem, source in grids.items():
                 if source.is_file():  # JPEG: a fraction of the PNG, and the grids are for looking at
                     (target / "samples" / stem).parent.mkdir(parents=True, exist_ok=True)
@@ -590,10 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows = report_sets(args, sets)
     except (
-        train_dcgan.DataError,
+        gan_data.DataError,
         sample_quality.SampleQualityError,
         ControlError,
-        plot_logs.NotARun,
+        run_summary.NotARun,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -26,23 +26,6 @@ from casmo_ext import CASMO
 from casmo_ext.bench import machine
 
 OPTIMIZERS = ("adam", "casmo")
-# Columns every GAN log has, in this order; a script appends its own after these.
-LOG_COLUMNS = [
-    "step",
-    "epoch",
-    "loss_d",
-    "loss_g",
-    "d_x",
-    "d_g_z",
-    "agar_g",
-    "conf_g",
-    "agar_d",
-    "conf_d",
-    "grad_norm_g",
-    "grad_norm_d",
-    "grad_noise_g",
-    "grad_noise_d",
-]
 # D "wins outright" on a step when it rejects the fakes and is as sure of the reals as its
 # labels allow: D(G(z)) below DOMINANCE_FAKE and D(x) within DOMINANCE_REAL_MARGIN of the
 # real label (with label 0.9 the best D(x) is 0.9, so "near 1" means near the label).

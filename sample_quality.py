@@ -15,7 +15,9 @@ LeNet is used for MNIST GANs. Shapes numbers are not comparable with Inception F
     reference = reference_features(real_uint8, space, cache_path)
     evaluate(generated_uint8, reference, space)   # {"kid": ..., "fid": ..., ...}
 
-The same k-NN measures work on 2-D points: knn_manifold_metrics(real_points, fake_points).
+The same k-NN measures work on 2-D points: knn_manifold_metrics(real_points, fake_points);
+point_quality() adds the toy's own (MMD, sliced Wasserstein, the share on the semicircles).
+diversity_ratio() compares the spread of generated images with that of real ones in pixels.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from gan_common import save_checkpoint
+from gan_data import IMAGE_SIZE, RADIUS, shapes_with_factors
 
 # torchmetrics and torch-fidelity are imported where they are used: importing them takes
 # seconds, which a training script's --help or a run without evaluation need not wait for.
@@ -49,8 +52,12 @@ MODE_MIN_SAMPLES = 5
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 MIN_SAMPLES = 10
-IMAGE_SIZE = 64
 SCORE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SUPPORT_TOLERANCE = 3.0  # a point is on the support within 3 radial standard deviations
+# From the arcs' radius (10) down to their spread (1), each half the one before (mmd_rbf
+# relies on it).
+MMD_BANDWIDTHS = (8.0, 4.0, 2.0, 1.0, 0.5)
+SWD_DIRECTIONS = 64  # evenly spaced over half a turn: in 2-D this covers every direction
 
 KINDS = ("circle", "square", "triangle")
 CHANNELS = ("red", "green", "blue")
@@ -95,9 +102,6 @@ def shapes_class_name(label: int) -> str:
 
 
 def labelled_shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Imported here because train_dcgan imports this module.
-    from train_dcgan import shapes_with_factors
-
     images, factors = shapes_with_factors(count, seed)
     return images, shapes_labels(factors)
 
@@ -463,6 +467,81 @@ def mode_metrics(logits: torch.Tensor, real_counts: torch.Tensor) -> dict:
         "modes_covered": int((confident_counts >= MODE_MIN_SAMPLES).sum()),
         "modes_total": len(real_counts),
         "mode_kl": kl.item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Diversity in pixel space
+
+
+def mean_pairwise_distance(images: torch.Tensor) -> torch.Tensor:
+    # cdist, not pdist: pdist's sum differs in the 6th digit, which would change the logged
+    # ratios of runs made before.
+    flat = images.flatten(1).float()
+    return torch.cdist(flat, flat).sum() / (len(flat) * (len(flat) - 1))
+
+
+def diversity_ratio(generated: torch.Tensor, real: torch.Tensor) -> float:
+    """Mean pairwise L2 distance among generated images over the same among real ones:
+    about 1 when G is as varied as the data, far below 1 under mode collapse."""
+    return (mean_pairwise_distance(generated) / mean_pairwise_distance(real)).item()
+
+
+# ---------------------------------------------------------------------------------------
+# The toy's points
+
+
+def kernel_means(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean Gaussian kernel value over all pairs (x_i, y_j), at each of MMD_BANDWIDTHS."""
+    kernel = torch.cdist(x, y).square_().div_(-2 * MMD_BANDWIDTHS[0] ** 2).exp_()
+    means = [kernel.mean()]
+    for _ in MMD_BANDWIDTHS[1:]:
+        # Halving the bandwidth raises the kernel to the 4th power. In place: the matrix
+        # has millions of entries, and new ones cost more than the arithmetic.
+        means.append(kernel.square_().square_().mean())
+    return torch.stack(means)
+
+
+def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Unbiased estimate of MMD² with a Gaussian kernel, averaged over MMD_BANDWIDTHS
+    (0 in expectation for two samples of one distribution, so it can read slightly < 0)."""
+    a, b = a.double(), b.double()
+    n, m = len(a), len(b)
+    # Unbiased: the within-sample means leave out the diagonal, where k(x, x) = 1.
+    within_a = (kernel_means(a, a) * n * n - n) / (n * (n - 1))
+    within_b = (kernel_means(b, b) * m * m - m) / (m * (m - 1))
+    return float((within_a + within_b - 2 * kernel_means(a, b)).mean())
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Wasserstein-1 distance averaged over projections on SWD_DIRECTIONS lines; a and b
+    have the same number of points, so each 1-D distance is a match of sorted values."""
+    angles = torch.arange(SWD_DIRECTIONS, dtype=torch.float64) * math.pi / SWD_DIRECTIONS
+    directions = torch.stack([angles.cos(), angles.sin()])
+    projected_a = (a.double() @ directions).sort(dim=0).values
+    projected_b = (b.double() @ directions).sort(dim=0).values
+    return float((projected_a - projected_b).abs().mean())
+
+
+def point_quality(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    """How well `generated` matches `real` (two equally sized sets of points): MMD², sliced
+    W1, the share of generated points on the arc of their side, each side's share, and the
+    k-NN precision, recall, density and coverage."""
+    x, y = generated[:, 0], generated[:, 1]
+    left = x <= 0
+    centre_y = torch.where(left, RADIUS, -RADIUS)
+    distance_to_centre = torch.hypot(x, y - centre_y)
+    on_support = ((distance_to_centre - RADIUS).abs() <= SUPPORT_TOLERANCE).float().mean().item()
+    left_share = left.float().mean().item()
+    right_share = (x > 0).float().mean().item()
+    return {
+        "mmd": mmd_rbf(generated, real),
+        "swd": sliced_wasserstein(generated, real),
+        "on_support": on_support,
+        "left_share": left_share,
+        "right_share": right_share,
+        "coverage_ok": on_support > 0.9 and 0.35 <= left_share <= 0.65 and 0.35 <= right_share <= 0.65,
+        **knn_manifold_metrics(real, generated),
     }
 
 

@@ -9,14 +9,13 @@ The defaults reproduce the course report's toy GAN:
 
 A run folder holds config.json, log.csv (one row per --log-every generator steps),
 quality.csv (one row per evaluation), samples/epoch_XXX.png, real/generated/overlay.png,
-real.csv, generated.csv and checkpoint.pt.
+real.csv, generated.csv and checkpoint.pt; with --tensorboard also tensorboard/.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -29,32 +28,24 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import gan_common
+import run_log
 from gan_common import RunError, positive_int
-from sample_quality import knn_manifold_metrics
+from gan_data import SemicircleDataset, sample_semicircles
+from sample_quality import point_quality
 
 SCRIPT = "train_toy2d.py"
 NOISE_DIM = 100
-RADIUS = 10.0  # of both arcs; their centres are (0, RADIUS) and (0, -RADIUS)
-SUPPORT_TOLERANCE = 3.0  # a point is on the support within 3 radial standard deviations
 EVAL_POINTS = 2000
 # The real sample and the noise every evaluation uses come from this seed, not --seed,
 # so that all runs, whatever their seed or optimizers, are measured against the same points.
 EVAL_SEED = 20_000
-# From the arcs' radius (10) down to their spread (1), each half the one before (mmd_rbf
-# relies on it).
-MMD_BANDWIDTHS = (8.0, 4.0, 2.0, 1.0, 0.5)
-SWD_DIRECTIONS = 64  # evenly spaced over half a turn: in 2-D this covers every direction
-QUALITY_COLUMNS = [
-    "epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok",
-    "precision", "recall", "density", "coverage",
-]  # fmt: skip
 PLOT_XLIM, PLOT_YLIM = (-16.0, 16.0), (-24.0, 24.0)
 # Arguments a resumed run may change; the others must equal the run's own (config.json).
-RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "eval_every"}
+RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "eval_every", "tensorboard"}
 
 
 def target_probability(text: str) -> float:
@@ -86,33 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in this folder; " + ", ".join(sorted(RESUME_MAY_CHANGE)) + " may change",
     )
     parser.add_argument("--device", type=gan_common.device_name, default="auto", help=gan_common.DEVICE_FORMS)
+    parser.add_argument(
+        "--tensorboard", action="store_true", help="also log to RUN/tensorboard/ (scalars and scatter plots)"
+    )
     return parser
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def sample_semicircles(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n points of the target: θ ~ U(0, 2π), r ~ N(0, 1), the point at radius 10 + r and
-    angle θ, moved up by 10 where π/2 ≤ θ ≤ 3π/2 (the left half) and down by 10 elsewhere."""
-    theta = 2 * math.pi * torch.rand(n, generator=generator)
-    radius = RADIUS + torch.randn(n, generator=generator)
-    left = (theta >= math.pi / 2) & (theta <= 3 * math.pi / 2)
-    shift = torch.where(left, RADIUS, -RADIUS)
-    return torch.stack([radius * torch.cos(theta), radius * torch.sin(theta) + shift], dim=1)
-
-
-class SemicircleDataset(Dataset):
-    """`size` points of the two semicircles, drawn once from `seed`."""
-
-    def __init__(self, size: int, seed: int):
-        self.points = sample_semicircles(size, torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.points[index]
 
 
 # --------------------------------------------------------------------------- models
@@ -157,61 +125,7 @@ class Discriminator(nn.Module):
         return self.net(points).squeeze(1)
 
 
-# -------------------------------------------------------------------------- quality
-
-
-def kernel_means(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean Gaussian kernel value over all pairs (x_i, y_j), at each of MMD_BANDWIDTHS."""
-    kernel = torch.cdist(x, y).square_().div_(-2 * MMD_BANDWIDTHS[0] ** 2).exp_()
-    means = [kernel.mean()]
-    for _ in MMD_BANDWIDTHS[1:]:
-        # Halving the bandwidth raises the kernel to the 4th power. In place: the matrix
-        # has millions of entries, and new ones cost more than the arithmetic.
-        means.append(kernel.square_().square_().mean())
-    return torch.stack(means)
-
-
-def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Unbiased estimate of MMD² with a Gaussian kernel, averaged over MMD_BANDWIDTHS
-    (0 in expectation for two samples of one distribution, so it can read slightly < 0)."""
-    a, b = a.double(), b.double()
-    n, m = len(a), len(b)
-    # Unbiased: the within-sample means leave out the diagonal, where k(x, x) = 1.
-    within_a = (kernel_means(a, a) * n * n - n) / (n * (n - 1))
-    within_b = (kernel_means(b, b) * m * m - m) / (m * (m - 1))
-    return float((within_a + within_b - 2 * kernel_means(a, b)).mean())
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Wasserstein-1 distance averaged over projections on SWD_DIRECTIONS lines; a and b
-    have the same number of points, so each 1-D distance is a match of sorted values."""
-    angles = torch.arange(SWD_DIRECTIONS, dtype=torch.float64) * math.pi / SWD_DIRECTIONS
-    directions = torch.stack([angles.cos(), angles.sin()])
-    projected_a = (a.double() @ directions).sort(dim=0).values
-    projected_b = (b.double() @ directions).sort(dim=0).values
-    return float((projected_a - projected_b).abs().mean())
-
-
-def point_quality(generated: torch.Tensor, real: torch.Tensor) -> dict:
-    """How well `generated` matches `real` (two equally sized sets of points): MMD², sliced
-    W1, the share of generated points on the arc of their side, each side's share, and the
-    k-NN precision, recall, density and coverage of sample_quality."""
-    x, y = generated[:, 0], generated[:, 1]
-    left = x <= 0
-    centre_y = torch.where(left, RADIUS, -RADIUS)
-    distance_to_centre = torch.hypot(x, y - centre_y)
-    on_support = ((distance_to_centre - RADIUS).abs() <= SUPPORT_TOLERANCE).float().mean().item()
-    left_share = left.float().mean().item()
-    right_share = (x > 0).float().mean().item()
-    return {
-        "mmd": mmd_rbf(generated, real),
-        "swd": sliced_wasserstein(generated, real),
-        "on_support": on_support,
-        "left_share": left_share,
-        "right_share": right_share,
-        "coverage_ok": on_support > 0.9 and 0.35 <= left_share <= 0.65 and 0.35 <= right_share <= 0.65,
-        **knn_manifold_metrics(real, generated),
-    }
+# --------------------------------------------------------- the console and the plots
 
 
 def format_quality(quality: dict) -> str:
@@ -241,11 +155,8 @@ def save_points(path: Path, points: torch.Tensor) -> None:
 # ------------------------------------------------------------------------- training
 
 
-# ------------------------------------------------------------------------- training
-
-
 @dataclass
-class Run:
+class Session:
     """What stays fixed through a session: arguments, device, data, evaluation inputs."""
 
     args: argparse.Namespace
@@ -269,7 +180,7 @@ class Counters:
     d_metrics: tuple | None = None  # None: read them from the optimizer when needed (no host sync)
 
 
-def prepare_run(args: argparse.Namespace) -> Run:
+def prepare_session(args: argparse.Namespace) -> Session:
     device = gan_common.pick_device(args.device)
     dataset = SemicircleDataset(args.points, seed=args.seed)
     loader_rng = torch.Generator().manual_seed(args.seed)
@@ -277,39 +188,45 @@ def prepare_run(args: argparse.Namespace) -> Run:
     eval_rng = torch.Generator().manual_seed(EVAL_SEED)
     real_eval = sample_semicircles(EVAL_POINTS, eval_rng)
     eval_noise = torch.randn(EVAL_POINTS, NOISE_DIM, generator=eval_rng).to(device)
-    return Run(args, device, Path(args.out), loader, loader_rng, real_eval, eval_noise)
+    return Session(args, device, Path(args.out), loader, loader_rng, real_eval, eval_noise)
 
 
-def build_nets(run: Run) -> gan_common.Nets:
-    generator = Generator().to(run.device)
-    discriminator = Discriminator().to(run.device)
-    opt_g = gan_common.make_optimizer(run.args.g_opt, generator.parameters(), run.args.lr_g, run.args)
-    opt_d = gan_common.make_optimizer(run.args.d_opt, discriminator.parameters(), run.args.lr_d, run.args)
+def build_nets(session: Session) -> gan_common.Nets:
+    args = session.args
+    generator = Generator().to(session.device)
+    discriminator = Discriminator().to(session.device)
+    opt_g = gan_common.make_optimizer(args.g_opt, generator.parameters(), args.lr_g, args)
+    opt_d = gan_common.make_optimizer(args.d_opt, discriminator.parameters(), args.lr_d, args)
     noise_g = gan_common.GradientNoise(generator.parameters())
     noise_d = gan_common.GradientNoise(discriminator.parameters())
     return gan_common.Nets(generator, discriminator, opt_g, opt_d, noise_g, noise_d)
 
 
-def start_or_resume(run: Run, nets: gan_common.Nets) -> Counters:
+def start_or_resume(session: Session, nets: gan_common.Nets) -> Counters:
     counters = Counters()
-    if run.args.resume is not None:
-        checkpoint = gan_common.load_checkpoint(run.run_dir / "checkpoint.pt")
-        nets.load_state_dicts(checkpoint, run.run_dir / "checkpoint.pt")
+    if session.args.resume is not None:
+        checkpoint = gan_common.load_checkpoint(session.run_dir / "checkpoint.pt")
+        nets.load_state_dicts(checkpoint, session.run_dir / "checkpoint.pt")
         gan_common.set_rng_state(checkpoint["rng"])
-        run.loader_rng.set_state(checkpoint["loader_rng"])
+        session.loader_rng.set_state(checkpoint["loader_rng"])
         counters = Counters(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"])
         counters.grad_norm_d, counters.d_metrics = checkpoint["grad_norm_d"], checkpoint["d_metrics"]
-        if counters.epoch >= run.args.epochs:
+        if counters.epoch >= session.args.epochs:
             raise RunError(
-                f"{run.run_dir} has trained {counters.epoch} epochs already; pass a larger --epochs"
+                f"{session.run_dir} has trained {counters.epoch} epochs already; pass a larger --epochs"
             )
-    (run.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    gan_common.write_config(run.run_dir, SCRIPT, run.args, run.device)
+    (session.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    gan_common.write_config(session.run_dir, SCRIPT, session.args, session.device)
     return counters
 
 
 def save(
-    run: Run, nets: gan_common.Nets, counters: Counters, epochs_done: int, batches_done: int, loader_state
+    session: Session,
+    nets: gan_common.Nets,
+    counters: Counters,
+    epochs_done: int,
+    batches_done: int,
+    loader_state,
 ) -> None:
     """Checkpoints the run at the current step: `epochs_done` epochs and `batches_done`
     batches of the next, whose shuffle `loader_state` draws."""
@@ -319,22 +236,22 @@ def save(
     payload.update(
         epoch=epochs_done, batch=batches_done, grad_norm_d=counters.grad_norm_d, d_metrics=d_metrics
     )
-    gan_common.save_checkpoint(run.run_dir / "checkpoint.pt", payload)
+    gan_common.save_checkpoint(session.run_dir / "checkpoint.pt", payload)
 
 
 def train_step(
-    run: Run, nets: gan_common.Nets, real: torch.Tensor, counters: Counters, train_d: bool
+    session: Session, nets: gan_common.Nets, real: torch.Tensor, counters: Counters, train_d: bool
 ) -> dict:
     """D's step on every --d-every-th batch, then G's; returns the batch's figures (tensors)."""
-    real = real.to(run.device)
-    fake = nets.generator(torch.randn(len(real), NOISE_DIM, device=run.device))
+    real = real.to(session.device)
+    fake = nets.generator(torch.randn(len(real), NOISE_DIM, device=session.device))
     # On the other batches D still scores the batch (without a graph), so every log row has
     # D's loss, and dropout draws the same random numbers whatever --log-every is.
     with torch.set_grad_enabled(train_d):
         logits_real = nets.discriminator(real)
         logits_fake = nets.discriminator(fake.detach())
         loss_d = F.binary_cross_entropy_with_logits(
-            logits_real, torch.full_like(logits_real, run.args.label_smooth)
+            logits_real, torch.full_like(logits_real, session.args.label_smooth)
         ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
     if train_d:
         # Also clears what the previous generator step left in D's gradients.
@@ -378,47 +295,49 @@ def log_row(nets: gan_common.Nets, counters: Counters, epoch: int, figures: dict
     }
 
 
-def evaluate(run: Run, nets: gan_common.Nets, epoch: int, step: int, quality_log: gan_common.CSVLog) -> tuple:
+def measure_quality(
+    session: Session, nets: gan_common.Nets, epoch: int, step: int, log: run_log.RunLog
+) -> tuple:
     """quality.csv's row and the epoch's scatter plot; returns the generated points and
     their quality."""
     with torch.no_grad():
-        generated = nets.generator(run.eval_noise).cpu()
-    quality = point_quality(generated, run.real_eval)
-    quality_log.write({"epoch": epoch, "step": step, **quality})
+        generated = nets.generator(session.eval_noise).cpu()
+    quality = point_quality(generated, session.real_eval)
+    log.write("quality", {"epoch": epoch, "step": step, **quality})
     title = f"epoch {epoch}: {quality['on_support']:.0%} on support, {quality['left_share']:.0%} left"
-    real, fake = (run.real_eval, "real", "tab:blue"), (generated, "generated", "tab:orange")
-    plot_points(run.run_dir / "samples" / f"epoch_{epoch:03d}.png", title, real, fake)
+    real, fake = (session.real_eval, "real", "tab:blue"), (generated, "generated", "tab:orange")
+    plot_path = session.run_dir / "samples" / f"epoch_{epoch:03d}.png"
+    plot_points(plot_path, title, real, fake)
+    log.image("samples", plot_path, step)
     tqdm.write(f"epoch {epoch}  step {step}  {format_quality(quality)}")
     return generated, quality
 
 
 def train_epochs(
-    run: Run, nets: gan_common.Nets, counters: Counters, stop: gan_common.StopSignal
+    session: Session, nets: gan_common.Nets, counters: Counters, stop: gan_common.StopSignal
 ) -> tuple | None:
     """Trains to --epochs or a signal, evaluating and checkpointing every --eval-every
     epochs; returns the last evaluation's points and quality (None if none was made)."""
-    args, evaluation = run.args, None
-    log = gan_common.CSVLog(
-        run.run_dir / "log.csv", gan_common.LOG_COLUMNS + ["steps_per_sec"], counters.step
+    args, evaluation = session.args, None
+    log = run_log.RunLog(
+        session.run_dir, run_log.TOY_LOG_COLUMNS, run_log.TOY_QUALITY_COLUMNS, counters.step, args.tensorboard
     )
-    quality_log = gan_common.CSVLog(run.run_dir / "quality.csv", QUALITY_COLUMNS, counters.step)
-    print(
-        f"training {args.g_opt} (G) / {args.d_opt} (D) on {run.device}, {len(run.loader)} batches per epoch"
-    )
+    batches = len(session.loader)
+    print(f"training {args.g_opt} (G) / {args.d_opt} (D) on {session.device}, {batches} batches per epoch")
     progress = tqdm(
         range(counters.epoch + 1, args.epochs + 1), initial=counters.epoch, total=args.epochs, unit="epoch"
     )
     last_step, last_time = counters.step, time.perf_counter()
     for epoch in progress:
-        counters.epoch_loader_state = run.loader_rng.get_state()
-        for batch_index, real in islice(enumerate(run.loader), counters.batch, None):
-            figures = train_step(run, nets, real, counters, train_d=batch_index % args.d_every == 0)
+        counters.epoch_loader_state = session.loader_rng.get_state()
+        for batch_index, real in islice(enumerate(session.loader), counters.batch, None):
+            figures = train_step(session, nets, real, counters, train_d=batch_index % args.d_every == 0)
             counters.step += 1
             counters.batch = batch_index + 1
             if counters.step % args.log_every == 0:
                 now = time.perf_counter()
                 row = log_row(nets, counters, epoch, figures, (counters.step - last_step) / (now - last_time))
-                log.write(row)
+                log.write("log", row)
                 last_step, last_time = counters.step, now
                 progress.set_postfix({key: f"{row[key]:.3f}" for key in ("loss_d", "loss_g", "d_x", "d_g_z")})
             if stop.signum:
@@ -427,50 +346,53 @@ def train_epochs(
             break
         counters.epoch, counters.batch = epoch, 0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            evaluation = evaluate(run, nets, epoch, counters.step, quality_log)
-            save(run, nets, counters, epoch, 0, run.loader_rng.get_state())
+            evaluation = measure_quality(session, nets, epoch, counters.step, log)
+            save(session, nets, counters, epoch, 0, session.loader_rng.get_state())
     progress.close()
     log.close()
-    quality_log.close()
     return evaluation
 
 
-def finish(run: Run, step: int, generated: torch.Tensor, quality: dict) -> None:
+def finish(session: Session, step: int, generated: torch.Tensor, quality: dict) -> None:
     """The final point sets and plots, and the coverage over the last evaluations."""
-    args, epoch, real = run.args, run.args.epochs, (run.real_eval, "real", "tab:blue")
-    save_points(run.run_dir / "real.csv", run.real_eval)
-    save_points(run.run_dir / "generated.csv", generated)
+    args, epoch, real = session.args, session.args.epochs, (session.real_eval, "real", "tab:blue")
+    save_points(session.run_dir / "real.csv", session.real_eval)
+    save_points(session.run_dir / "generated.csv", generated)
     fake = (generated, "generated", "tab:orange")
-    plot_points(run.run_dir / "real.png", f"real data ({EVAL_POINTS} points)", real)
-    plot_points(run.run_dir / "generated.png", f"generated after {epoch} epochs ({EVAL_POINTS} points)", fake)
+    plot_points(session.run_dir / "real.png", f"real data ({EVAL_POINTS} points)", real)
     plot_points(
-        run.run_dir / "overlay.png", f"{args.g_opt} (G) / {args.d_opt} (D), epoch {epoch}", real, fake
+        session.run_dir / "generated.png", f"generated after {epoch} epochs ({EVAL_POINTS} points)", fake
     )
-    with open(run.run_dir / "quality.csv", newline="") as handle:
+    plot_points(
+        session.run_dir / "overlay.png", f"{args.g_opt} (G) / {args.d_opt} (D), epoch {epoch}", real, fake
+    )
+    with open(session.run_dir / "quality.csv", newline="") as handle:
         last = list(csv.DictReader(handle))[-3:]
     mean_on_support = sum(float(row["on_support"]) for row in last) / len(last)
     print(f"final (epoch {epoch}, step {step}): {format_quality(quality)}")
     epochs = ", ".join(row["epoch"] for row in last)
     print(f"coverage over the last evaluations (epochs {epochs}): mean on_support {mean_on_support:.3f}")
-    print(f"outputs in {run.run_dir}/: log.csv, quality.csv, samples/, *.png, real.csv, generated.csv")
+    print(f"outputs in {session.run_dir}/: log.csv, quality.csv, samples/, *.png, real.csv, generated.csv")
 
 
 def train(args: argparse.Namespace) -> None:
     if args.out is None:
         args.out = Path(f"runs/toy2d-{args.g_opt}_{args.d_opt}-s{args.seed}")
     gan_common.check_run_folder(Path(args.out), resuming=args.resume is not None)
+    if args.tensorboard:
+        run_log.check_tensorboard()
     gan_common.seed_everything(args.seed)
-    run = prepare_run(args)
-    nets = build_nets(run)
-    counters = start_or_resume(run, nets)
+    session = prepare_session(args)
+    nets = build_nets(session)
+    counters = start_or_resume(session, nets)
     stop = gan_common.StopSignal()
-    evaluation = train_epochs(run, nets, counters, stop)
+    evaluation = train_epochs(session, nets, counters, stop)
     stop.restore()
     if stop.signum:
-        save(run, nets, counters, counters.epoch, counters.batch, counters.epoch_loader_state)
-        print(f"saved {run.run_dir / 'checkpoint.pt'}")
-        gan_common.exit_stopped(stop.signum, counters.step, f"python {SCRIPT} --resume {run.run_dir}")
-    finish(run, counters.step, *evaluation)
+        save(session, nets, counters, counters.epoch, counters.batch, counters.epoch_loader_state)
+        print(f"saved {session.run_dir / 'checkpoint.pt'}")
+        gan_common.exit_stopped(stop.signum, counters.step, f"python {SCRIPT} --resume {session.run_dir}")
+    finish(session, counters.step, *evaluation)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,9 +37,12 @@ def casmo_step_foreach(
     total = torch._foreach_add(signal, s_hat)
     agar = torch._foreach_div(signal, torch._foreach_clamp_min(total, torch.finfo(torch.float32).tiny))
 
-    # agar_i >= 0 (or NaN), so each tensor's L1 norm is its sum.
-    agar_sums = torch.stack(torch._foreach_norm(agar, 1, dtype=torch.float64))
-    agar_means = agar_sums / torch.tensor([a.numel() for a in agar], dtype=torch.float64, device=device)
+    # agar_i >= 0 (or NaN), so each tensor's L1 norm is its sum. The counts divide as
+    # scalars: a tensor of them would be a copy from host memory, which CUDA graph
+    # capture refuses (capturable).
+    agar_norms = torch._foreach_norm(agar, 1, dtype=torch.float64)
+    agar_sums = torch.stack(agar_norms)
+    agar_means = torch.stack(torch._foreach_div(agar_norms, [float(a.numel()) for a in agar]))
     trust_pow = (c_min + (1 - c_min) * agar_means).pow(robustness).to(compute_dtype)
     focus = torch._foreach_div(agar, list((agar_means.to(compute_dtype) + eps).unbind()))
     torch._foreach_clamp_min_(focus, rel_floor)

@@ -204,7 +204,15 @@ class CASMO(torch.optim.Optimizer):
             self._metrics = {}
         for group_idx in range(len(self.param_groups)):
             self._metrics.setdefault(group_idx, {})
-        # A checkpoint of the public package, or of an eager run, holds ints.
+        # A checkpoint of the public package, or of an eager run, holds ints. A capturable
+        # group takes them as device tensors now, as torch's Adam does: converted at its
+        # first step instead, they would be converted inside a CUDA graph capture, and
+        # the graph would reset them at every replay.
+        for group in self.param_groups:
+            if group["capturable"]:
+                for p in group["params"]:
+                    if "step" in self.state.get(p, {}):
+                        _step_tensor(self.state[p], p.device)
         self._int_steps = any(isinstance(state.get("step"), int) for state in self.state.values())
 
     def state_dict(self) -> dict:
@@ -295,7 +303,7 @@ class CASMO(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if len(state) == 0:
-                _init_state(state, p, group)
+                _init_state(state, p, group, tensor_steps)
             if tensor_steps:
                 _step_tensor(state, p.device)
             for column, value in zip(
@@ -315,15 +323,7 @@ class CASMO(torch.optim.Optimizer):
             self._init_group(group, *columns)
         else:
             self._gather_group(group, *columns)
-        buckets: dict[tuple, tuple] = {}
-        for p, grad, m, s, step in zip(*columns):
-            grad = torch.neg(grad) if group["maximize"] else grad
-            if grad.stride() != p.stride():
-                grad = torch.empty_like(p).copy_(grad)
-            bucket = buckets.setdefault((p.device, p.dtype, m.dtype), ([], [], [], [], []))
-            for column, value in zip(bucket, (p, grad, m, s, step)):
-                column.append(value)
-
+        buckets, copies = _buckets(columns, group["maximize"])
         totals: dict[torch.device, torch.Tensor] = {}
         for (device, dtype, moment_dtype), (ps, gs, ms, ss, steps) in buckets.items():
             grad_scale, found_inf = scaling.on(device)
@@ -332,6 +332,8 @@ class CASMO(torch.optim.Optimizer):
             sums = self._dispatch(device, kernel_dtype, group, ps, gs, ms, ss, steps, grad_scale, found_inf)
             counted = torch.cat((sums, sums.new_full((1,), float(sum(p.numel() for p in ps)))))
             totals[device] = totals[device] + counted if device in totals else counted
+        if scaling.grad_scale is not None:
+            _write_back_unscaled(copies, group["maximize"])
         for device, counted in totals.items():
             found_inf = scaling.on(device)[1]
             if found_inf is not None:  # a skipped step keeps the group's last metrics
@@ -413,8 +415,38 @@ class CASMO(torch.optim.Optimizer):
         return False
 
 
-def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
-    state["step"] = 0
+def _buckets(columns: tuple, maximize: bool) -> tuple[dict, list]:
+    """The gathered columns (params, grads, m, s, steps) split by (device, dtype, moment
+    dtype), and the gradients that the step takes as copies (negated for maximize, or laid
+    out as their parameter) as (gradient, copy) pairs."""
+    buckets: dict[tuple, tuple] = {}
+    copies = []
+    for p, grad, m, s, step in zip(*columns):
+        stepped = torch.neg(grad) if maximize else grad
+        if stepped.stride() != p.stride():
+            stepped = torch.empty_like(p).copy_(stepped)
+        if maximize or stepped.stride() != grad.stride():
+            copies.append((grad, stepped))
+        bucket = buckets.setdefault((p.device, p.dtype, m.dtype), ([], [], [], [], []))
+        for column, value in zip(bucket, (p, stepped, m, s, step)):
+            column.append(value)
+    return buckets, copies
+
+
+def _write_back_unscaled(copies: list, maximize: bool) -> None:
+    """Under a GradScaler the step unscales the gradients it takes in place, as torch's fused
+    Adam does; a gradient taken as a copy gets the copy's values back (the values it had
+    when found_inf skipped the step: the copy was then left as made)."""
+    for grad, stepped in copies:
+        if maximize:
+            torch.neg(stepped, out=grad)
+        else:
+            grad.copy_(stepped)
+
+
+def _init_state(state: dict, p: torch.Tensor, group: dict, tensor_steps: bool) -> None:
+    # Made on the device, as torch's Adam makes them: no copy from host memory.
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if tensor_steps else 0
     wide = group["float32_moments"] and p.dtype in (torch.bfloat16, torch.float16)
     moment_dtype = torch.float32 if wide else p.dtype
     state["m"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -426,9 +458,16 @@ def _is_step_tensor(step, device: torch.device) -> bool:
 
 
 def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
-    """The state's step count as a float32 tensor on `device` (converted in place once)."""
-    if not _is_step_tensor(state["step"], device):
-        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device)
+    """The state's step count as a float32 tensor on `device` (converted in place once).
+    An int becomes a tensor by torch.full, a fill on the device: a copy from pageable host
+    memory would synchronise, and CUDA graph capture refuses it."""
+    step = state["step"]
+    if _is_step_tensor(step, device):
+        return step
+    if isinstance(step, torch.Tensor):
+        state["step"] = step.to(device=device, dtype=torch.float32)
+    else:
+        state["step"] = torch.full((), float(step), dtype=torch.float32, device=device)
     return state["step"]
 
 
@@ -448,18 +487,20 @@ def _lr_for(group: dict, device: torch.device):
 
 def _fallback_step(fallback, ps, gs, ms, ss, steps, lr, hyper: dict, grad_scale, found_inf) -> torch.Tensor:
     """`fallback` (foreach or reference) under a GradScaler: it reads found_inf on the host
-    (a device sync off the CPU) and unscales by multiplying, as GradScaler.unscale_ does."""
+    (a device sync off the CPU) and unscales the gradients in place by multiplying, as
+    GradScaler.unscale_ does."""
     if found_inf is not None and found_inf.item():
         return torch.zeros(2, dtype=torch.float64, device=ps[0].device)
-    if grad_scale is not None:
-        gs = torch._foreach_mul(gs, grad_scale.reciprocal())
+    if grad_scale is not None:  # in place, as the kernels and torch's fused Adam unscale
+        torch._foreach_mul_(gs, grad_scale.reciprocal())
     return fallback(ps, gs, ms, ss, steps, lr=lr, **hyper)
 
 
 class _GradScaling:
     """What torch.amp.GradScaler set on the optimizer for this step: `grad_scale` (None
     once the user called unscale_) and `found_inf`, each on the device of the tensors it
-    serves (copied without a sync, as torch's fused Adam does)."""
+    serves: copied without a sync to a GPU, as torch's fused Adam does, but with one to
+    the CPU, where the step reads them on the host at once."""
 
     def __init__(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
         for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
@@ -477,8 +518,10 @@ class _GradScaling:
 
     def on(self, device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if device not in self._per_device:
+            # The host reads a CPU copy at once: a non-blocking one may not have landed.
+            non_blocking = device.type != "cpu"
             self._per_device[device] = tuple(
-                None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+                None if t is None else t.to(device, torch.float32, non_blocking=non_blocking).reshape(())
                 for t in (self.grad_scale, self.found_inf)
             )
         return self._per_device[device]

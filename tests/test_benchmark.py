@@ -17,6 +17,7 @@ import pytest
 
 import benchmark
 import plot_logs
+import run_summary
 import speed_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_grid_writes_runs_figures_and_results(grid):
 def test_the_control_is_adam_at_casmos_mean_step(grid):
     for name, default_lr in (("toy2d", 2e-4), ("dcgan-shapes", 2e-4)):
         casmo = grid / name / "casmo_adam-s0"
-        confidence = plot_logs.read_numeric_csv(casmo / "log.csv")["conf_g"]
+        confidence = run_summary.read_numeric_csv(casmo / "log.csv")["conf_g"]
         assert np.isfinite(confidence).sum() > 0
         record = json.loads((grid / f"{name}-control" / "control.json").read_text())["casmo_adam"]
         assert record["lr_g"] == pytest.approx(default_lr * np.nanmean(confidence), rel=1e-12)
@@ -137,7 +138,7 @@ def test_published_outputs_redraw_the_same_tables(grid, tmp_path):
     assert not list(published.rglob("checkpoint.pt")) and (published / "results.md").is_file()
     assert (published / "dcgan-shapes-control" / "control.json").is_file()
     run = published / "dcgan-shapes" / "casmo_adam-s0"
-    steps = plot_logs.step_grids(grid / "dcgan-shapes" / "casmo_adam-s0")  # fewer than 4: all shown
+    steps = run_summary.step_grids(grid / "dcgan-shapes" / "casmo_adam-s0")  # fewer than 4: all shown
     expected = {"final.jpg", "ema/final.jpg"} | {f"step_{step:06d}.jpg" for step in steps}
     published_grids = {str(path.relative_to(run / "samples")) for path in (run / "samples").rglob("*.jpg")}
     assert steps and published_grids == expected

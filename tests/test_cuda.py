@@ -4,6 +4,7 @@ that the build compiled them where CI expects it to."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import pytest
@@ -99,6 +100,17 @@ def test_no_host_sync_in_step():
             optimizer.step()
 
 
+def step_eager_and_replay(eager, eager_opt, graphed, graph, steps, seed):
+    """Eager steps and replays of a captured step, with the same gradients."""
+    for step in steps:
+        for p, q, g in zip(eager, graphed, make_grads(eager, step, seed=seed)):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        eager_opt.step()
+        graph.replay()
+    torch.cuda.synchronize()
+
+
 @cuda_test
 def test_capturable_step_in_a_cuda_graph():
     """A graphed capturable step replays to the same result as eager steps."""
@@ -127,14 +139,7 @@ def test_capturable_step_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         graphed_opt.step()
 
-    for step in range(1, 4):
-        grads = make_grads(eager, step, seed=3)
-        for p, q, g in zip(eager, graphed, grads):
-            p.grad = g.clone()
-            q.grad.copy_(g)
-        eager_opt.step()
-        graph.replay()
-    torch.cuda.synchronize()
+    step_eager_and_replay(eager, eager_opt, graphed, graph, range(1, 4), seed=3)
     for p, q in zip(eager, graphed):
         assert torch.equal(p, q)
         assert graphed_opt.state[q]["step"].item() == 3
@@ -229,8 +234,9 @@ def test_tensor_over_2_pow_31_elements():
     torch.cuda.empty_cache()
 
 
-def amp_train(fused, steps, scaler=None):
-    """A small model trained under fp16 autocast, with or without a GradScaler."""
+def amp_train(fused, steps, scaler=None, autocast=True):
+    """A small model trained under fp16 autocast (or in float32), with or without a
+    GradScaler."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
     opt = CASMO(model.parameters(), lr=1e-3, weight_decay=0.01, fused=fused)
@@ -241,7 +247,7 @@ def amp_train(fused, steps, scaler=None):
             torch.randn(32, 8, device="cuda", generator=gen),
         )
         opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is None:
@@ -254,14 +260,70 @@ def amp_train(fused, steps, scaler=None):
 
 @cuda_test
 @pytest.mark.parametrize("fused", [True, False])
-def test_grad_scaler_fp16_autocast_equals_unscaled(fused):
-    scaled, scaled_opt = amp_train(fused, 5, torch.amp.GradScaler("cuda", init_scale=2.0**12))
-    plain, plain_opt = amp_train(fused, 5)
+def test_grad_scaler_equals_unscaled_in_float32(fused):
+    """What the scaler promises: in float32 (no underflow to rescue), training with it is
+    training without it. Under fp16 autocast the two may differ: without a scaler small
+    fp16 gradients underflow, and CASMO's gate ignores the gradients' scale."""
+    scaled, scaled_opt = amp_train(fused, 5, torch.amp.GradScaler("cuda", init_scale=2.0**12), autocast=False)
+    plain, plain_opt = amp_train(fused, 5, autocast=False)
     for p, q in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
         torch.testing.assert_close(scaled_opt.state[p]["m"], plain_opt.state[q]["m"], rtol=0, atol=1e-5)
     assert scaled_opt.group_metrics()["agar"] == pytest.approx(plain_opt.group_metrics()["agar"], rel=1e-4)
     assert all(type(state["step"]) is int for state in scaled_opt.state_dict()["state"].values())
+
+
+@cuda_test
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_scaler_fp16_autocast_steps_with_the_unscaled_gradients(fused):
+    """Under fp16 autocast every step is taken (the scale grows), and after scaler.step
+    p.grad is the scaled gradient times 1/scale, as with torch's fused Adam."""
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=2)
+    model, opt = amp_train(fused, 4, scaler)
+    assert scaler.get_scale() == 2.0**14
+    assert all(opt.state[p]["step"] == 4 for p in model.parameters())
+    x = torch.randn(32, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    opt.zero_grad()
+    with torch.autocast("cuda", dtype=torch.float16):
+        scaler.scale(model(x).float().square().mean()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)
+    for p, grad in zip(model.parameters(), scaled):
+        assert torch.equal(p.grad, grad * (1.0 / 2.0**14)) and torch.isfinite(p).all()
+
+
+@cuda_test
+def test_first_scaler_step_after_int_steps_waits_for_nothing():
+    """Int step counts (steps without a scaler) become device tensors at the first
+    GradScaler step: made on the device, not copied from host memory (a sync)."""
+    model, opt = amp_train(True, 2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * 1024
+    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    opt.found_inf = torch.tensor(0.0, device="cuda")
+    with no_host_sync():
+        opt.step()
+    assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
+
+
+@cuda_test
+def test_capturable_run_resumed_from_int_steps_is_captured():
+    """A checkpoint with int steps loaded for a capturable group: the first step can be
+    captured at once, and the graph advances the steps it loaded."""
+    eager, eager_opt = run({"fused": True}, torch.float32, num_steps=2, seed=4)
+    saved = copy.deepcopy(eager_opt.state_dict())  # loading would alias its state tensors
+    saved["param_groups"][0]["capturable"] = True
+    graphed = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    graphed_opt = CASMO(graphed, capturable=True, fused=True)
+    graphed_opt.load_state_dict(saved)
+    for q in graphed:
+        q.grad = torch.zeros_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    step_eager_and_replay(eager, eager_opt, graphed, graph, (3, 4), seed=4)
+    for p, q in zip(eager, graphed):
+        assert torch.equal(p, q) and graphed_opt.state[q]["step"].item() == 4
 
 
 @cuda_test

@@ -6,6 +6,9 @@ used to overflow one launch's tensor and block limits."""
 
 from __future__ import annotations
 
+import hashlib
+import platform
+
 import pytest
 import torch
 from closeness import TOLERANCE, assert_matches_reference
@@ -140,6 +143,48 @@ def test_tensor_spanning_several_launches():
     chunk_size = 8
     big = (2 * limits()["max_blocks"] + 7) * chunk_size + 5
     run_against_reference(Group([3, big, 17], seed=4), num_steps=2, chunk_size=chunk_size)
+
+
+def test_each_tensors_partials_are_summed_once():
+    """Each tensor's gate comes from one sum of its chunks' partials, not one per block of
+    the tensor (C^2 reads for C chunks): the reductions read each agar partial twice (the
+    tensor's sum, the group's) and each confidence partial once, however many chunks."""
+    chunk_size = 8
+    big = (2 * limits()["max_blocks"] + 7) * chunk_size + 5  # spans three launches
+    group = Group([3, big, 17, 0, 100], seed=10)
+    chunks = sum(-(-n // chunk_size) for n in group.sizes)
+    before = _kernels._C.cuda_emulated_partials_read()
+    emulated_step(group.params, group.grads(), group.ms, group.ss, [1] * 5, chunk_size=chunk_size)
+    assert _kernels._C.cuda_emulated_partials_read() - before == 3 * chunks
+
+
+def exact_values(n, seed, scale):
+    """n float32 values defined by integer arithmetic alone (no random generator, no libm),
+    so the same on every machine and torch version; scale is a power of two."""
+    i = torch.arange(n, dtype=torch.int64)
+    return (((i * 7919 + seed * 104729) % 2001) - 1000).to(torch.float32) * scale
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="digests taken where no FMA is contracted")
+@pytest.mark.parametrize(
+    "dtype, digest", [(torch.float32, "9eb8461377de10b2"), (torch.bfloat16, "a665cf895b013d5a")]
+)
+def test_bitwise_as_before_the_gate_was_summed_once(dtype, digest):
+    """Two steps of a tensor of 336 chunks (two launches) among others, bit for bit as the
+    kernels stepped them when every update block summed its tensor's partials itself
+    (commit 84bac02): the sum keeps its fixed order. x86-64 only: its host compiler
+    contracts no multiply-adds into FMAs without -mfma, so the bits are the code's."""
+    sizes = [3, 8 * 330 + 5, 17, 0, 100]
+    ps = [exact_values(n, 1, 2.0**-9).to(dtype) for n in sizes]
+    ms = [exact_values(n, 2, 2.0**-12).to(dtype) for n in sizes]
+    ss = [exact_values(n, 3, 2.0**-20).abs().to(dtype) for n in sizes]
+    outputs = hashlib.sha256()
+    for step in (1, 2):
+        gs = [(exact_values(n, 4, 2.0**-8) + exact_values(n, 4 + step, 2.0**-9)).to(dtype) for n in sizes]
+        sums = emulated_step(ps, gs, ms, ss, [step] * len(sizes), lr=1e-2, weight_decay=0.01, chunk_size=8)
+        for t in [sums] + ps + ms + ss:
+            outputs.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert outputs.hexdigest()[:16] == digest
 
 
 def test_non_contiguous_dense_tensors():

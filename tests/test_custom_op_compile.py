@@ -55,6 +55,19 @@ def test_step_bumps_version_counters():
     assert p._version > version and opt.state[p]["m"]._version > 0
 
 
+def test_scaled_step_bumps_gradient_versions():
+    """Under a GradScaler the step unscales the gradients in place: autograd sees it."""
+    p = torch.nn.Parameter(torch.ones(50))
+    opt = CASMO([p], fused=True)
+    p.grad = torch.full((50,), 4.0)
+    version = p.grad._version
+    opt.step()
+    assert p.grad._version == version
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    opt.step()
+    assert p.grad._version > version and torch.equal(p.grad, torch.ones(50))
+
+
 def make_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
@@ -129,3 +142,23 @@ def test_inductor_compiled_step_matches_eager():
     torch._dynamo.reset()
     eager, compiled = run_compiled("inductor", 3, fused=True)
     assert_same(eager, compiled)
+
+
+def test_compiled_step_under_a_scaler_unscales_the_gradients():
+    """Functionalization (aot_eager, as inductor uses it) writes the unscaled gradients back
+    because the operator's schema marks them as mutated."""
+    torch._dynamo.reset()
+    eager_model, compiled_model = make_model(), make_model()
+    eager = CASMO(eager_model.parameters(), lr=1e-2, fused=True)
+    compiled = CASMO(compiled_model.parameters(), lr=1e-2, fused=True)
+    compiled_step = torch.compile(compiled.step, backend="aot_eager")
+    for step in range(3):
+        for model, opt in ((eager_model, eager), (compiled_model, compiled)):
+            set_grads(model, step)
+            torch._foreach_mul_([p.grad for p in model.parameters()], 256.0)
+            opt.grad_scale, opt.found_inf = torch.tensor(256.0), torch.tensor(0.0)
+        eager.step()
+        compiled_step()
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            assert torch.equal(q.grad, p.grad)
+    assert_same((eager_model, eager), (compiled_model, compiled))

@@ -183,14 +183,84 @@ def test_kernels_unscale_and_skip(step_fn):
     grads = [torch.randn(n) for n in sizes]
     plain, scaled, skipped = kernel_tensors(sizes, 0), kernel_tensors(sizes, 0), kernel_tensors(sizes, 0)
     expected = step_fn(*plain[:1], grads, *plain[1:])
-    sums = step_fn(*scaled[:1], [g * 512 for g in grads], *scaled[1:], grad_scale=torch.tensor(512.0))
+    scaled_grads = [g * 512 for g in grads]
+    sums = step_fn(*scaled[:1], scaled_grads, *scaled[1:], grad_scale=torch.tensor(512.0))
     torch.testing.assert_close(sums, expected, rtol=1e-6, atol=0)
     for actual, wanted in zip(sum(scaled, []), sum(plain, [])):
         torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(g, wanted) for g, wanted in zip(scaled_grads, grads))  # unscaled in place
     scale, found_inf = torch.tensor(512.0), torch.tensor(1.0)
-    sums = step_fn(
-        *skipped[:1], [g * float("inf") for g in grads], *skipped[1:], grad_scale=scale, found_inf=found_inf
-    )
+    inf_grads = [g * float("inf") for g in grads]
+    inf_before = [g.clone() for g in inf_grads]
+    sums = step_fn(*skipped[:1], inf_grads, *skipped[1:], grad_scale=scale, found_inf=found_inf)
     assert torch.equal(sums, torch.zeros(2, dtype=torch.float64))
     for actual, original in zip(sum(skipped, []), sum(kernel_tensors(sizes, 0), [])):
         assert torch.equal(actual, original)
+    for actual, original in zip(inf_grads, inf_before):  # a skipped step leaves the gradients
+        torch.testing.assert_close(actual, original, rtol=0, atol=0, equal_nan=True)
+
+
+class RecordsCopies(torch.Tensor):
+    """A tensor that records the non_blocking flag of each copy of it by .to()."""
+
+    non_blocking: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            cls.non_blocking.append((kwargs or {}).get("non_blocking", False))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaler_values_reach_cpu_parameters_by_a_blocking_copy(backend, monkeypatch):
+    """A CUDA GradScaler with CPU parameters: the step reads grad_scale and found_inf on the
+    host at once, so their copies to the CPU must have landed (a non-blocking copy from a
+    GPU may not have). Here on CPU tensors, the copies' flag is what can be checked."""
+    monkeypatch.setattr(RecordsCopies, "non_blocking", [])
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = CASMO([p], **backend)
+    p.grad = torch.full((5,), 8.0)
+    opt.grad_scale = torch.tensor(8.0).as_subclass(RecordsCopies)
+    opt.found_inf = torch.tensor(0.0).as_subclass(RecordsCopies)
+    opt.step()
+    assert len(RecordsCopies.non_blocking) >= 2 and not any(RecordsCopies.non_blocking)
+    assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaler_step_leaves_the_true_gradients(backend, maximize):
+    """As torch's fused Adam: after scaler.step, p.grad is the unscaled gradient (what norm
+    logging and gradient-noise measures read), and a skipped step leaves it as it was."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    opt = CASMO(model.parameters(), maximize=maximize, **backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(loss_of(model, 0)).backward()
+    loss_of(twin, 0).backward()
+    scaler.step(opt)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale(loss_of(model, 1)).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaled = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)
+    for p, before in zip(model.parameters(), scaled):
+        assert torch.equal(p.grad, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_stepped_as_copies_are_unscaled_too(backend):
+    """A gradient laid out unlike its parameter is stepped as a copy; it is unscaled all
+    the same."""
+    p = torch.nn.Parameter(torch.ones(4, 6))
+    opt = CASMO([p], **backend)
+    grad = torch.arange(24.0).reshape(6, 4).t()
+    p.grad = grad * 64
+    assert p.grad.stride() != p.stride()
+    opt.grad_scale, opt.found_inf = torch.tensor(64.0), torch.tensor(0.0)
+    opt.step()
+    assert torch.equal(p.grad, grad)

@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import gan_common
 import plot_logs
-import train_dcgan
+import run_log
+import run_summary
 
-LOG_COLUMNS = [*gan_common.LOG_COLUMNS, "steps_per_sec"]
+LOG_COLUMNS = [*run_log.LOG_COLUMNS, "steps_per_sec"]
 PER_RUN_FIGURES = ["loss_plot.png", "score_plot.png", "optimizer_plot.png", "grad_norm_plot.png"]
 COMPARE_FIGURES = ["compare_loss.png", "compare_scores.png", "compare_grad_norm.png", "comparison_2x2.png"]
 COMPARE_FIGURES += ["compare_quality.png"]
@@ -75,7 +75,7 @@ def make_run(
         write_csv(folder / "real.csv", ["x", "y"], {"x": points[:, 0], "y": points[:, 1]})
         write_csv(folder / "generated.csv", ["x", "y"], {"x": points[:, 0] * 0.8, "y": points[:, 1] * 0.8})
     else:
-        names = train_dcgan.QUALITY_COLUMNS
+        names = run_log.DCGAN_QUALITY_COLUMNS
         write_csv(
             folder / "quality.csv",
             names,
@@ -275,7 +275,11 @@ def test_summary_md_is_a_markdown_table_with_definitions(plotted):
     assert any(line.startswith("| toy_cc_s0 | 0 |") for line in table_rows)
     widths = {line.count("|") for line in text.splitlines()[2:4]}
     assert len(widths) == 1  # the header, separator and rows have the same number of cells
-    for threshold in (plot_logs.D_COLLAPSED_BELOW, plot_logs.STABLE_MAX_CV, plot_logs.WILD_OSCILLATION_RATIO):
+    for threshold in (
+        run_summary.D_COLLAPSED_BELOW,
+        run_summary.STABLE_MAX_CV,
+        run_summary.WILD_OSCILLATION_RATIO,
+    ):
         assert str(threshold) in text
     assert "last 10% of logged steps" in text
     assert "### dcgan (shapes): sample quality at the last evaluation" in text and "t-interval" in text
@@ -320,7 +324,7 @@ def summary_of(tmp_path: Path, **columns) -> dict:
     n_rows = len(next(iter(columns.values())))
     filler = {name: [0.5] * n_rows for name in ("loss_d", "loss_g", "d_x", "d_g_z")}
     run = make_run(tmp_path / "run", columns=filler | {name: list(v) for name, v in columns.items()})
-    return plot_logs.run_summary(plot_logs.load_run(run))
+    return run_summary.run_summary(run_summary.load_run(run))
 
 
 def test_statistics_of_a_falling_d_loss(tmp_path):
@@ -404,7 +408,7 @@ def test_moving_average_uses_steps_not_rows():
 def test_a_folder_of_runs_stands_for_its_runs(tmp_path):
     make_run(tmp_path / "runs" / "a")
     make_run(tmp_path / "runs" / "b")
-    assert plot_logs.expand_run_dirs([tmp_path / "runs"]) == [
+    assert run_summary.expand_run_dirs([tmp_path / "runs"]) == [
         tmp_path / "runs" / "a",
         tmp_path / "runs" / "b",
     ]
@@ -436,8 +440,8 @@ def test_seeds_differing_in_a_hyperparameter_are_flagged(tmp_path, capsys):
     config = json.loads((runs[1] / "config.json").read_text())
     config["args"]["robustness"] = 0.0
     (runs[1] / "config.json").write_text(json.dumps(config))
-    loaded = [plot_logs.load_run(run) for run in runs]
-    plot_logs.warn_mixed_hyperparameters(loaded)
+    loaded = [run_summary.load_run(run) for run in runs]
+    run_summary.warn_mixed_hyperparameters(loaded)
     assert "the runs of casmo_adam differ in robustness" in capsys.readouterr().out
 
 
@@ -524,5 +528,5 @@ def test_a_labelled_run_is_its_own_configuration_and_dcgan_grids_go_side_by_side
         "casmo_adam-control",
     ]  # a control sorts after its configuration
     assert is_png(tmp_path / "out" / "compare_samples.png")
-    assert plot_logs.step_grids(tmp_path / "runs" / "casmo").keys() == {200, 300}
-    assert plot_logs.side_by_side_steps(list(range(250, 2001, 250))) == [250, 750, 1500, 2000]
+    assert run_summary.step_grids(tmp_path / "runs" / "casmo").keys() == {200, 300}
+    assert run_summary.side_by_side_steps(list(range(250, 2001, 250))) == [250, 750, 1500, 2000]

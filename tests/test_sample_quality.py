@@ -6,8 +6,8 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 from PIL import Image
 
+import gan_data
 import sample_quality as sq
-import train_dcgan
 
 SAMPLES = 1000
 METRIC_KEYS = {"kid", "kid_std", "fid", "precision", "recall", "density", "coverage"}
@@ -26,12 +26,12 @@ def shapes_space(shapes_cache):
 
 @pytest.fixture(scope="session")
 def reference(shapes_space):
-    return sq.reference_features(train_dcgan.make_shapes(SAMPLES, seed=1), shapes_space)
+    return sq.reference_features(gan_data.make_shapes(SAMPLES, seed=1), shapes_space)
 
 
 @pytest.fixture(scope="session")
 def real_scores(shapes_space, reference):
-    return sq.evaluate(train_dcgan.make_shapes(SAMPLES, seed=2), reference, shapes_space)
+    return sq.evaluate(gan_data.make_shapes(SAMPLES, seed=2), reference, shapes_space)
 
 
 def recoloured(images: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
@@ -42,8 +42,8 @@ def recoloured(images: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
 
 
 def test_shapes_with_factors_are_make_shapes_images_and_their_factors():
-    images, factors = train_dcgan.shapes_with_factors(300, seed=4)
-    assert torch.equal(images, train_dcgan.make_shapes(300, seed=4))
+    images, factors = gan_data.shapes_with_factors(300, seed=4)
+    assert torch.equal(images, gan_data.make_shapes(300, seed=4))
     # Every kind of shape covers its centre pixel, in its own colour.
     x, y = factors["centre"].round().long().unbind(dim=1)
     centre_pixels = images[torch.arange(300), :, y, x]
@@ -100,7 +100,7 @@ def test_noise_scores_far_worse(shapes_space, reference, real_scores):
 
 
 def test_one_repeated_image_recalls_nothing_and_covers_one_mode(shapes_space, reference):
-    one = train_dcgan.make_shapes(1, seed=5).expand(SAMPLES, -1, -1, -1).contiguous()
+    one = gan_data.make_shapes(1, seed=5).expand(SAMPLES, -1, -1, -1).contiguous()
     scores = sq.evaluate(one, reference, shapes_space)
     print("one image:", scores)
     assert scores["recall"] < 0.01 and scores["coverage"] < 0.01
@@ -109,7 +109,7 @@ def test_one_repeated_image_recalls_nothing_and_covers_one_mode(shapes_space, re
 
 
 def test_shapes_of_one_hue_cover_fewer_modes(shapes_space, reference, real_scores):
-    reddish = recoloured(train_dcgan.make_shapes(SAMPLES, seed=2), (250, 150, 160))
+    reddish = recoloured(gan_data.make_shapes(SAMPLES, seed=2), (250, 150, 160))
     scores = sq.evaluate(reddish, reference, shapes_space)
     print("one hue:", scores)
     assert scores["modes_covered"] <= 12  # 3 kinds x 4 quadrants, all red
@@ -120,19 +120,19 @@ def test_shapes_of_one_hue_cover_fewer_modes(shapes_space, reference, real_score
 
 def test_evaluate_leaves_the_global_random_state_alone(shapes_space, reference):
     state = torch.get_rng_state()
-    first = sq.evaluate(train_dcgan.make_shapes(50, seed=6), reference, shapes_space, seed=3)
+    first = sq.evaluate(gan_data.make_shapes(50, seed=6), reference, shapes_space, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
-    assert sq.evaluate(train_dcgan.make_shapes(50, seed=6), reference, shapes_space, seed=3) == first
+    assert sq.evaluate(gan_data.make_shapes(50, seed=6), reference, shapes_space, seed=3) == first
 
 
 def test_evaluate_refuses_what_it_cannot_score(shapes_space, reference):
     with pytest.raises(sq.SampleQualityError, match="from_tanh"):
         sq.evaluate(torch.zeros(20, 3, 64, 64), reference, shapes_space)
     with pytest.raises(sq.SampleQualityError, match="too few"):
-        sq.evaluate(train_dcgan.make_shapes(3, seed=0), reference, shapes_space)
+        sq.evaluate(gan_data.make_shapes(3, seed=0), reference, shapes_space)
     elsewhere = sq.Reference(reference.features, None, "inception-v3-2048")
     with pytest.raises(sq.SampleQualityError, match="made in inception"):
-        sq.evaluate(train_dcgan.make_shapes(20, seed=0), elsewhere, shapes_space)
+        sq.evaluate(gan_data.make_shapes(20, seed=0), elsewhere, shapes_space)
 
 
 def test_from_tanh_maps_generator_range_to_bytes():
@@ -140,7 +140,7 @@ def test_from_tanh_maps_generator_range_to_bytes():
 
 
 def test_real_features_are_cached(shapes_space, tmp_path, monkeypatch):
-    images = train_dcgan.make_shapes(40, seed=7)
+    images = gan_data.make_shapes(40, seed=7)
     cache = tmp_path / "features.pt"
     made = sq.reference_features(images, shapes_space, cache)
     monkeypatch.setattr(sq, "embed", lambda *args: pytest.fail("recomputed despite the cache"))
@@ -152,7 +152,7 @@ def test_real_features_are_cached(shapes_space, tmp_path, monkeypatch):
 def test_a_damaged_real_features_cache_is_remade(shapes_space, tmp_path):
     cache = tmp_path / "features.pt"
     cache.write_bytes(b"garbage")
-    made = sq.reference_features(train_dcgan.make_shapes(40, seed=7), shapes_space, cache)
+    made = sq.reference_features(gan_data.make_shapes(40, seed=7), shapes_space, cache)
     assert torch.equal(torch.load(cache)["features"], made.features)
 
 
@@ -204,9 +204,9 @@ def test_inception_space_loads_local_weights_and_scores(random_inception_weights
         space.model.state_dict()["Mixed_7c.branch_pool.conv.weight"],
         state["Mixed_7c.branch_pool.conv.weight"],
     )
-    real = sq.reference_features(train_dcgan.make_shapes(sq.MIN_SAMPLES, seed=1), space)
+    real = sq.reference_features(gan_data.make_shapes(sq.MIN_SAMPLES, seed=1), space)
     assert real.features.shape == (sq.MIN_SAMPLES, 2048) and real.class_counts is None
-    scores = sq.evaluate(train_dcgan.make_shapes(sq.MIN_SAMPLES, seed=2), real, space)
+    scores = sq.evaluate(gan_data.make_shapes(sq.MIN_SAMPLES, seed=2), real, space)
     assert set(scores) == METRIC_KEYS
     assert all(math.isfinite(value) for value in scores.values())
 
@@ -246,7 +246,7 @@ def write_pngs(folder, images):
 
 
 def test_score_images_scores_a_folder(shapes_space, reference, tmp_path):
-    write_pngs(tmp_path / "samples", train_dcgan.make_shapes(40, seed=8))
+    write_pngs(tmp_path / "samples", gan_data.make_shapes(40, seed=8))
     scores = sq.score_images(tmp_path / "samples", reference, shapes_space)
     assert set(scores) == METRIC_KEYS | MODE_KEYS
     assert scores["precision"] > 0.7
@@ -258,7 +258,7 @@ def test_score_images_errors(shapes_space, reference, tmp_path):
         sq.score_images(tmp_path / "empty", reference, shapes_space)
     with pytest.raises(sq.SampleQualityError, match="not a folder"):
         sq.score_images(tmp_path / "absent", reference, shapes_space)
-    write_pngs(tmp_path / "broken", train_dcgan.make_shapes(12, seed=8))
+    write_pngs(tmp_path / "broken", gan_data.make_shapes(12, seed=8))
     (tmp_path / "broken" / "005.png").write_bytes(b"not a png")
     with pytest.raises(sq.SampleQualityError, match="cannot read image .*005.png"):
         sq.score_images(tmp_path / "broken", reference, shapes_space)

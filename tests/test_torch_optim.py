@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from backends import BACKENDS, needs_emulation, needs_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from casmo_ext import CASMO, _kernels, casmo_step_reference
 from casmo_ext.foreach import casmo_step_foreach
@@ -128,6 +129,62 @@ def test_capture_of_a_non_capturable_step_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     opt.step()
     assert not torch.equal(p, torch.ones(3))
+
+
+class HostDataTensors(TorchDispatchMode):
+    """Records the operators that make a tensor of host (Python) data: on a GPU, a copy from
+    pageable memory, which synchronises and which CUDA graph capture refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            self.made.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def assert_step_tensor(step, value, device):
+    assert isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == device
+    assert step.item() == value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_step_counts_are_made_on_the_device(backend):
+    """As torch's Adam makes them (torch.zeros on the device), not from host data."""
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = CASMO([p], capturable=True, **backend)
+    p.grad = torch.ones(5)
+    with HostDataTensors() as host:
+        opt.step()
+        opt.step()
+    assert host.made == []
+    assert_step_tensor(opt.state[p]["step"], 2, p.device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_group_loads_int_steps_as_device_tensors(backend):
+    """A checkpoint with int steps (the public package's, a non-capturable run's) loaded for
+    a capturable group gives float32 step tensors on the parameters' device, made without
+    host data, as torch's Adam loads them: converted at the first step instead, they would
+    be converted inside a CUDA graph capture, whose replays would reset them."""
+    p = torch.nn.Parameter(torch.ones(5))
+    source = CASMO([p], **backend)
+    p.grad = torch.ones(5)
+    source.step()
+    source.step()
+    saved = source.state_dict()
+    assert type(saved["state"][0]["step"]) is int
+    saved["param_groups"][0]["capturable"] = True  # loaded groups take the checkpoint's options
+    opt = CASMO([p], capturable=True, **backend)
+    with HostDataTensors() as host:
+        opt.load_state_dict(saved)
+        assert_step_tensor(opt.state[p]["step"], 2, p.device)
+        opt.step()
+    assert host.made == []
+    assert_step_tensor(opt.state[p]["step"], 3, p.device)
+    assert opt.state_dict()["state"][0]["step"].item() == 3  # capturable checkpoints keep tensors
 
 
 def kernel_step(ps, gs, ms, ss, steps, *, lr, **hyper):

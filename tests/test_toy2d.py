@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import train_toy2d
-from gan_common import LOG_COLUMNS
-from train_toy2d import EVAL_POINTS, SemicircleDataset, point_quality, sample_semicircles
+from gan_data import SemicircleDataset, sample_semicircles
+from run_log import LOG_COLUMNS
+from sample_quality import point_quality
+from train_toy2d import EVAL_POINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 batches per epoch, an evaluation every epoch, a log row every step.

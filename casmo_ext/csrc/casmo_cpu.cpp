@@ -152,7 +152,7 @@ at::Tensor scalar_step_impl(const TensorList& params, const TensorList& grads, c
     float m_hat, total, confidence;
     for (int64_t i = 0; i < n; ++i) {
       float mi = m[i], si = s[i];
-      update_moments(static_cast<float>(g[i]), mi, si, h);
+      update_moments(unscale(static_cast<float>(g[i]), h), mi, si, h);
       m[i] = static_cast<scalar_t>(mi);
       s[i] = static_cast<scalar_t>(si);
       agar_sum += agar(static_cast<float>(m[i]), static_cast<float>(s[i]), mc, m_hat, total);
@@ -303,16 +303,18 @@ at::Tensor step_inplace_or_view(c10::DispatchKeySet keys, at::TensorList params,
   }
   for (const at::TensorList written : {params, ms, ss})
     for (const at::Tensor& x : written) torch::autograd::impl::bump_version(x);
+  if (grad_scale.has_value())  // the gradients were unscaled in place
+    for (const at::Tensor& x : grads) torch::autograd::impl::bump_version(x);
   return sums;
 }
 
 }  // namespace casmo
 
-// Mutated lists are marked (a!), (b!), (c!): functionalization (torch.compile) knows what
-// the step writes.
+// Mutated lists are marked (a!) to (d!): functionalization (torch.compile) knows what
+// the step writes. grads are written (unscaled) only when grad_scale is given.
 TORCH_LIBRARY(casmo_ext, m) {
   m.def(
-      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] m, Tensor(c!)[] s, float[] steps, "
+      "step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] m, Tensor(d!)[] s, float[] steps, "
       "Tensor[] step_tensors, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, float c_min, float robustness, float rel_floor, Tensor? grad_scale, "
       "Tensor? found_inf) -> Tensor");
@@ -337,6 +339,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("c_min"),
              pybind11::arg("robustness"), pybind11::arg("rel_floor"), pybind11::arg("chunk_size"),
              pybind11::arg("grad_scale") = pybind11::none(), pybind11::arg("found_inf") = pybind11::none());
+  module.def("cuda_emulated_partials_read", &casmo::cuda_emulated_partials_read,
+             "Partial sums the emulated kernels' reductions have read so far (for tests)");
   module.def("cuda_launch_limits", []() {
     pybind11::dict limits;
     for (const auto& [name, value] : casmo::cuda_launch_limits()) limits[pybind11::str(name)] = value;

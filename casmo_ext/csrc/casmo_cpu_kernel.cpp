@@ -110,9 +110,8 @@ struct GateVecs {
         decay(gc.decay), lr(h.lr), eps(h.eps) {}
 };
 
-// casmo::update_moments.
-inline void update_moments(const Vec& scaled_g, Vec& m, Vec& s, const MomentVecs& c) {
-  const Vec g = scaled_g * c.inv_grad_scale;
+// casmo::update_moments, of the unscaled gradient.
+inline void update_moments(const Vec& g, Vec& m, Vec& s, const MomentVecs& c) {
   const Vec d = g - m;
   m = c.beta1 * m + c.one_minus_beta1 * g;
   s = c.beta2 * s + c.one_minus_beta2 * (d * d);
@@ -138,14 +137,20 @@ inline Vec apply_update(const Vec& p, const Vec& m, const Vec& s, const MomentVe
   return p * gc.decay - gc.lr * confidence * m_hat * inv_denominator;
 }
 
-// Pass 1 on count <= kStep elements; returns agar_i summed lane-wise.
+// Pass 1 on count <= kStep elements; returns agar_i summed lane-wise. With unscale (a
+// GradScaler's scale), the unscaled gradient is written back, as torch's fused Adam does.
 template <typename scalar_t>
-inline Vec moments_step(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t count, const MomentVecs& c) {
+inline Vec moments_step(scalar_t* g, scalar_t* m, scalar_t* s, int64_t count, const MomentVecs& c,
+                        bool unscale) {
   prefetch_ahead(g);
   prefetch_ahead(m);
   prefetch_ahead(s);
-  const Pair gv = load(g, count);
+  Pair gv = load(g, count);
   Pair mv = load(m, count), sv = load(s, count);
+  if (unscale) {
+    gv = {gv.lo * c.inv_grad_scale, gv.hi * c.inv_grad_scale};
+    store(g, gv, count);
+  }
   update_moments(gv.lo, mv.lo, sv.lo, c);
   update_moments(gv.hi, mv.hi, sv.hi, c);
   mv = store(m, mv, count);  // AGAR is computed from the stored moments, as pass 2 sees them
@@ -199,10 +204,13 @@ inline double sum_over(int64_t n, const Step& step) {
 }
 
 template <typename scalar_t>
-double moments_pass(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t n, const Hyper& h,
-                    const MomentConsts& mc) {
+double moments_pass(scalar_t* g, scalar_t* m, scalar_t* s, int64_t n, const Hyper& h, const MomentConsts& mc) {
   const MomentVecs c(h, mc);
-  return sum_over(n, [&](int64_t i, int64_t count) { return moments_step(g + i, m + i, s + i, count, c); });
+  // A scale of 1 leaves g as it is: no store needed.
+  const bool unscale = h.inv_grad_scale != 1.0f;
+  return sum_over(n, [&](int64_t i, int64_t count) {
+    return moments_step(g + i, m + i, s + i, count, c, unscale);
+  });
 }
 
 template <typename scalar_t>

@@ -19,9 +19,9 @@ constexpr int64_t kChunk = 16384;
 
 template <typename scalar_t>
 struct Passes {
-  // Pass 1 over n elements: moments updated in place; returns the sum of agar_i.
-  double (*moments)(const scalar_t* g, scalar_t* m, scalar_t* s, int64_t n, const Hyper& h,
-                    const MomentConsts& mc);
+  // Pass 1 over n elements: moments updated in place, and g unscaled in place when
+  // h.inv_grad_scale is not 1; returns the sum of agar_i.
+  double (*moments)(scalar_t* g, scalar_t* m, scalar_t* s, int64_t n, const Hyper& h, const MomentConsts& mc);
   // Pass 2 over n elements: parameters updated in place; returns the sum of C_i.
   double (*update)(scalar_t* p, const scalar_t* m, const scalar_t* s, int64_t n, const Hyper& h,
                    const MomentConsts& mc, const GateConsts& gc);

@@ -9,7 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "casmo_cuda_kernels.cuh"
+#include "casmo_cuda_launch.h"
 #include "casmo_ops.h"
 
 namespace casmo {

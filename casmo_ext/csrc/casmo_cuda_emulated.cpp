@@ -3,9 +3,21 @@
 // Slow by design (one std::thread per CUDA thread); for testing only.
 #include "cuda_emulation.h"  // first: defines the CUDA keywords the kernels use
 
+#include <atomic>
+
+// Counts the partial sums the kernels' reductions read, so a test can check that each
+// tensor's partials are read a fixed number of times, not once per block of the tensor.
+namespace casmo {
+inline std::atomic<int64_t> partials_read{0};
+}
+#define CASMO_COUNT_PARTIALS_READ(count) \
+  do {                                     \
+    if (threadIdx.x == 0) casmo::partials_read += (count); \
+  } while (0)
+
 #include <torch/extension.h>
 
-#include "casmo_cuda_kernels.cuh"
+#include "casmo_cuda_launch.h"
 #include "casmo_ops.h"
 
 namespace casmo {
@@ -44,6 +56,8 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
                                                           lr, lr_tensor, hyper, grad_scale, found_inf,
                                                           chunk_size, EmulatedLauncher{});
 }
+
+int64_t cuda_emulated_partials_read() { return partials_read.load(); }
 
 std::vector<std::pair<std::string, int64_t>> cuda_launch_limits() {
   return {{"max_tensors", cuda_kernels::kMaxTensors},

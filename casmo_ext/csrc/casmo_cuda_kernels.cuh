@@ -1,31 +1,32 @@
-// The CUDA kernels of the CASMO step and the host code that packs a parameter group
-// into launches, written once for two compilers:
-//   - nvcc, from casmo_cuda.cu, launching on a GPU;
+// The CUDA kernels of the CASMO step, device code only, written once for two compilers:
+//   - nvcc, from casmo_cuda.cu (through casmo_cuda_launch.h), launching on a GPU, and
+//     from tools/check_ptxas.py, which checks their registers without a GPU;
 //   - the host compiler, from casmo_cuda_emulated.cpp, after cuda_emulation.h, which
 //     runs the same kernels on the CPU with one std::thread per CUDA thread.
-// The launch mechanism is a template parameter ("launcher"), so the packing is shared.
+// casmo_cuda_launch.h packs a parameter group into their launches.
 //
-// A group steps in three stages, all on the device's stream, with no host sync:
+// A group steps in four stages, all on the device's stream, with no host sync:
 //   1. moments_kernel launches: each block updates m and s over one chunk of one
-//      tensor and writes the chunk's sum of agar_i (float64) to agar_partials.
-//   2. update_kernel launches, only after ALL stage-1 launches (a tensor's chunks may
-//      span launches): each block sums its tensor's agar partials, derives the gate,
+//      tensor (unscaling g in place under a GradScaler) and writes the chunk's sum of
+//      agar_i (float64) to agar_partials.
+//   2. tensor_sums_kernel launches, only after ALL stage-1 launches (a tensor's chunks
+//      may span launches): one block per tensor sums its chunks' partials into
+//      tensor_agar_sums, so each tensor's partials are read once, not once per block.
+//   3. update_kernel launches: each block derives its tensor's gate from that sum,
 //      updates its chunk of p and writes the chunk's sum of C_i to conf_partials.
-//   3. group_sums_kernel: one block sums all partials into [sum agar_i, sum C_i].
+//   4. group_sums_kernel: one block sums all partials into [sum agar_i, sum C_i].
 // Every sum is a fixed-order shared-memory tree (no atomics), so results are bitwise
-// reproducible, and every block of a tensor derives bitwise the same gate.
+// reproducible. Every kernel is launched with kBlockSize threads and says so
+// (__launch_bounds__): ptxas then keeps to the registers that many threads may have,
+// also when a newer GPU compiles the PTX at load time.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <optional>
-#include <vector>
 
 #include "casmo_math.h"
-#include "casmo_ops.h"
 
 // Full unrolling keeps the kernels' per-thread arrays in registers (the emulation's
 // host compiler needs no hint).
@@ -63,8 +64,9 @@ struct LaunchArgs {
   int64_t chunk_size;
   double* agar_partials;  // one per chunk of the group, tensor after tensor
   double* conf_partials;
+  double* tensor_agar_sums;  // a tensor's sum of agar_i, at its partial_offset
   scalar_t* params[kMaxTensors];
-  const scalar_t* grads[kMaxTensors];
+  scalar_t* grads[kMaxTensors];  // written (unscaled) when grad_scale is set
   scalar_t* ms[kMaxTensors];
   scalar_t* ss[kMaxTensors];
   int64_t numel[kMaxTensors];
@@ -99,11 +101,18 @@ __device__ __forceinline__ double block_sum(double value, double* buffer) {
   return total;
 }
 
+// The emulation counts the partial sums that reductions read (casmo_cuda_emulated.cpp);
+// on a GPU this is nothing.
+#ifndef CASMO_COUNT_PARTIALS_READ
+#define CASMO_COUNT_PARTIALS_READ(count)
+#endif
+
 // Sum of values[0, count) in an order fixed by kBlockSize alone, returned to every
 // thread: each thread adds a strided subsequence, then the block sums the threads.
 template <int kBlockSize>
 __device__ __forceinline__ double block_sum_range(const double* values, int64_t count,
                                                   double* buffer) {
+  CASMO_COUNT_PARTIALS_READ(count);
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += kBlockSize) acc += values[i];
   return block_sum<kBlockSize>(acc, buffer);
@@ -171,15 +180,17 @@ __device__ __forceinline__ void load_round(const scalar_t* __restrict__ a, const
   }
 }
 
-// Stage 1: m, s of one chunk; the chunk's sum of agar_i into agar_partials.
+// Stage 1: m, s of one chunk; the chunk's sum of agar_i into agar_partials. Under a
+// GradScaler the unscaled gradient is written back, as torch's fused Adam does.
 template <typename scalar_t, int kBlockSize>
-__global__ void moments_kernel(LaunchArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kBlockSize) moments_kernel(LaunchArgs<scalar_t> args) {
   __shared__ double reduction_buffer[kBlockSize];
   if (step_skipped(args.found_inf)) return;  // the whole block: no __syncthreads is left waiting
   const BlockChunk c = block_chunk(args);
   const Hyper h = block_hyper(args);
   const MomentConsts mc = block_moment_consts(args, c.slot);
-  const scalar_t* __restrict__ g = args.grads[c.slot] + c.begin;
+  const bool store_grad = args.grad_scale != nullptr;
+  scalar_t* __restrict__ g = args.grads[c.slot] + c.begin;
   scalar_t* __restrict__ m = args.ms[c.slot] + c.begin;
   scalar_t* __restrict__ s = args.ss[c.slot] + c.begin;
 
@@ -194,7 +205,9 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
     for (int u = 0; u < kIlp; ++u) {
       const int64_t i = base + u * kBlockSize;
       if (i < c.count) {
-        update_moments(gi[u], mi[u], si[u], h);
+        const float unscaled = unscale(gi[u], h);
+        if (store_grad) g[i] = static_cast<scalar_t>(unscaled);
+        update_moments(unscaled, mi[u], si[u], h);
         m[i] = static_cast<scalar_t>(mi[u]);
         s[i] = static_cast<scalar_t>(si[u]);
         float m_hat, total;
@@ -207,19 +220,31 @@ __global__ void moments_kernel(LaunchArgs<scalar_t> args) {
   if (threadIdx.x == 0) args.agar_partials[args.partial_offset[c.slot] + c.chunk] = agar_sum;
 }
 
-// Stage 2: the gated update of one chunk of p; the chunk's sum of C_i into conf_partials.
+// Stage 2: each tensor's sum of agar_i, once, by one block: block b serves slot
+// first_slot + b. first_slot is 1 when slot 0 continues a tensor that an earlier launch
+// began, and so sums.
 template <typename scalar_t, int kBlockSize>
-__global__ void update_kernel(LaunchArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kBlockSize)
+    tensor_sums_kernel(LaunchArgs<scalar_t> args, int first_slot) {
+  __shared__ double reduction_buffer[kBlockSize];
+  if (step_skipped(args.found_inf)) return;
+  const int slot = first_slot + static_cast<int>(blockIdx.x);
+  const int64_t offset = args.partial_offset[slot];
+  const double sum = block_sum_range<kBlockSize>(args.agar_partials + offset,
+                                                 num_chunks(args.numel[slot], args.chunk_size), reduction_buffer);
+  if (threadIdx.x == 0) args.tensor_agar_sums[offset] = sum;
+}
+
+// Stage 3: the gated update of one chunk of p; the chunk's sum of C_i into conf_partials.
+template <typename scalar_t, int kBlockSize>
+__global__ void __launch_bounds__(kBlockSize) update_kernel(LaunchArgs<scalar_t> args) {
   __shared__ double reduction_buffer[kBlockSize];
   if (step_skipped(args.found_inf)) return;
   const BlockChunk c = block_chunk(args);
   const Hyper h = block_hyper(args);
   const MomentConsts mc = block_moment_consts(args, c.slot);
-  const int64_t numel = args.numel[c.slot];
-  const double tensor_agar_sum = block_sum_range<kBlockSize>(
-      args.agar_partials + args.partial_offset[c.slot], num_chunks(numel, args.chunk_size),
-      reduction_buffer);
-  const GateConsts gc = gate_consts(h, tensor_agar_sum, static_cast<double>(numel));
+  const double tensor_agar_sum = args.tensor_agar_sums[args.partial_offset[c.slot]];
+  const GateConsts gc = gate_consts(h, tensor_agar_sum, static_cast<double>(args.numel[c.slot]));
   scalar_t* __restrict__ p = args.params[c.slot] + c.begin;
   const scalar_t* __restrict__ m = args.ms[c.slot] + c.begin;
   const scalar_t* __restrict__ s = args.ss[c.slot] + c.begin;
@@ -243,11 +268,12 @@ __global__ void update_kernel(LaunchArgs<scalar_t> args) {
   if (threadIdx.x == 0) args.conf_partials[args.partial_offset[c.slot] + c.chunk] = conf_sum;
 }
 
-// Stage 3 (one block): out = [sum of agar partials, sum of conf partials]; zeros when the
+// Stage 4 (one block): out = [sum of agar partials, sum of conf partials]; zeros when the
 // step was skipped (the partials were never written).
 template <int kBlockSize>
-__global__ void group_sums_kernel(const double* agar_partials, const double* conf_partials,
-                                  int64_t count, const float* found_inf, double* out) {
+__global__ void __launch_bounds__(kBlockSize)
+    group_sums_kernel(const double* agar_partials, const double* conf_partials, int64_t count,
+                      const float* found_inf, double* out) {
   __shared__ double reduction_buffer[kBlockSize];
   if (step_skipped(found_inf)) {
     if (threadIdx.x == 0) out[0] = out[1] = 0.0;
@@ -258,188 +284,6 @@ __global__ void group_sums_kernel(const double* agar_partials, const double* con
   if (threadIdx.x == 0) {
     out[0] = agar_sum;
     out[1] = conf_sum;
-  }
-}
-
-// ---------------------------------------------------------------------------------
-// Host side: from ATen tensors to launches.
-
-// One tensor of the group, as raw pointers.
-template <typename scalar_t>
-struct TensorRefs {
-  scalar_t* param;
-  const scalar_t* grad;
-  scalar_t* m;
-  scalar_t* s;
-  int64_t numel;
-  StepCount step;
-};
-
-// The group's total chunk count: the length of each partials array.
-template <typename scalar_t>
-int64_t total_chunks(const std::vector<TensorRefs<scalar_t>>& tensors, int64_t chunk_size) {
-  int64_t total = 0;
-  for (const auto& t : tensors) total += num_chunks(t.numel, chunk_size);
-  return total;
-}
-
-// Packs every chunk of every non-empty tensor into LaunchArgs of at most kMaxTensors
-// tensors and kMaxBlocks chunks, calling launch_one(args, num_blocks) for each. A
-// tensor whose chunks overflow a launch continues, in slot 0, in the next one.
-template <typename scalar_t, typename LaunchOne>
-void for_each_launch(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchArgs<scalar_t>& common,
-                     LaunchOne&& launch_one) {
-  LaunchArgs<scalar_t> args = common;
-  int num_slots = 0, num_blocks = 0;
-  int64_t partial_offset = 0;
-  auto put_in_slot = [&](int slot, const TensorRefs<scalar_t>& t, int64_t offset) {
-    args.params[slot] = t.param;
-    args.grads[slot] = t.grad;
-    args.ms[slot] = t.m;
-    args.ss[slot] = t.s;
-    args.numel[slot] = t.numel;
-    args.step[slot] = t.step;
-    args.partial_offset[slot] = offset;
-  };
-  auto flush = [&]() {
-    launch_one(args, num_blocks);
-    num_slots = num_blocks = 0;
-  };
-  for (const TensorRefs<scalar_t>& t : tensors) {
-    if (t.numel == 0) continue;  // no chunks, no partials
-    if (num_slots == kMaxTensors) flush();
-    int slot = num_slots++;
-    put_in_slot(slot, t, partial_offset);
-    const int64_t chunks = num_chunks(t.numel, common.chunk_size);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      if (num_blocks == kMaxBlocks) {
-        flush();
-        slot = num_slots++;
-        put_in_slot(slot, t, partial_offset);
-      }
-      args.block_tensor[num_blocks] = static_cast<uint8_t>(slot);
-      args.block_chunk[num_blocks] = static_cast<int32_t>(chunk);
-      ++num_blocks;
-    }
-    partial_offset += chunks;
-  }
-  if (num_blocks > 0) flush();
-}
-
-// Runs the three stages for one group. `launch(kernel, blocks, threads, args...)`
-// launches a kernel; the partials arrays hold total_chunks(tensors, chunk_size)
-// doubles each, and out two doubles.
-template <typename scalar_t, int kBlockSize, typename Launcher>
-void step_group(const std::vector<TensorRefs<scalar_t>>& tensors, const LaunchArgs<scalar_t>& common,
-                double* out, Launcher&& launch) {
-  for (const auto& t : tensors)
-    TORCH_CHECK(num_chunks(t.numel, common.chunk_size) <= INT32_MAX,
-                "casmo: a tensor of ", t.numel, " elements has too many chunks of ", common.chunk_size);
-  for_each_launch(tensors, common, [&](const LaunchArgs<scalar_t>& args, int blocks) {
-    launch(moments_kernel<scalar_t, kBlockSize>, blocks, kBlockSize, args);
-  });
-  // Only now is every tensor's agar partials complete.
-  for_each_launch(tensors, common, [&](const LaunchArgs<scalar_t>& args, int blocks) {
-    launch(update_kernel<scalar_t, kBlockSize>, blocks, kBlockSize, args);
-  });
-  launch(group_sums_kernel<kBlockSize>, 1, kBlockSize, static_cast<const double*>(common.agar_partials),
-         static_cast<const double*>(common.conf_partials), total_chunks(tensors, common.chunk_size),
-         common.found_inf, out);
-}
-
-// The whole entry point of a backend, from ATen arguments: validates them (the caller
-// checks the device type), packs the group and runs step_group with `launch`. `who`
-// names the entry point in errors.
-// Non-capturable: `steps` holds each tensor's step count and step_tensors is empty.
-// Capturable: `steps` is empty and step_tensors holds one float32 scalar per tensor on
-// the tensors' device. lr_tensor (optional) on the tensors' device is read in the
-// kernel; on the CPU (with device tensors) its value is read here, without a sync.
-// grad_scale and found_inf (optional, GradScaler's) are float32 scalars on the tensors'
-// device, read in the kernels. Returns float64 [sum agar_i, sum C_i] on the tensors'
-// device (zeros for a skipped step).
-template <int kBlockSize, typename Launcher>
-at::Tensor step_from_aten(const char* who, const std::vector<at::Tensor>& params,
-                          const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& ms,
-                          const std::vector<at::Tensor>& ss, const std::vector<double>& steps,
-                          const std::vector<at::Tensor>& step_tensors, double lr,
-                          const std::optional<at::Tensor>& lr_tensor, const Hyper& hyper,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                          int64_t chunk_size, Launcher&& launch) {
-  check_tensor_lists(params, grads, ms, ss, who);
-  TORCH_CHECK(chunk_size > 0, who, ": chunk_size must be positive, got ", chunk_size);
-  const size_t n = params.size();
-  const bool step_on_device = !step_tensors.empty();
-  TORCH_CHECK(step_on_device ? (steps.empty() && step_tensors.size() == n) : steps.size() == n, who,
-              ": pass one step count per tensor, either as floats (steps) or, when capturable, as "
-              "float32 tensors on the parameters' device (step_tensors), not both");
-  if (n == 0) return at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
-  const at::Device device = params[0].device();
-  for (size_t i = 0; step_on_device && i < n; ++i) {
-    TORCH_CHECK(step_tensors[i].device() == device && step_tensors[i].scalar_type() == at::kFloat &&
-                    step_tensors[i].numel() == 1,
-                who, ": step tensor ", i, " must be a one-element float32 tensor on ", device, ", got ",
-                step_tensors[i].scalar_type(), " of ", step_tensors[i].numel(), " elements on ",
-                step_tensors[i].device());
-  }
-
-  for (const auto* scalar : {&grad_scale, &found_inf}) {
-    TORCH_CHECK(!scalar->has_value() || ((*scalar)->device() == device && (*scalar)->scalar_type() == at::kFloat &&
-                                         (*scalar)->numel() == 1),
-                who, ": grad_scale and found_inf must be one-element float32 tensors on ", device);
-  }
-  Hyper h = hyper;
-  h.lr = static_cast<float>(lr);
-  at::Tensor lr_on_device;  // keeps a converted lr tensor alive until the launches are queued
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1, who, ": lr tensor must have one element, got ",
-                lr_tensor->numel());
-    if (lr_tensor->device() == device) {
-      lr_on_device = lr_tensor->to(at::kFloat);
-    } else {
-      TORCH_CHECK(lr_tensor->device().is_cpu(), who, ": lr tensor is on ", lr_tensor->device(),
-                  " but the parameters are on ", device);
-      h.lr = lr_tensor->item<float>();  // a CPU tensor: no device sync
-    }
-  }
-
-  const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor out = at::empty({2}, options);
-  auto run = [&](auto type_tag) -> at::Tensor {
-    using scalar_t = decltype(type_tag);
-    std::vector<TensorRefs<scalar_t>> refs(n);
-    for (size_t i = 0; i < n; ++i) {
-      refs[i].param = params[i].data_ptr<scalar_t>();
-      refs[i].grad = grads[i].data_ptr<scalar_t>();
-      refs[i].m = ms[i].data_ptr<scalar_t>();
-      refs[i].s = ss[i].data_ptr<scalar_t>();
-      refs[i].numel = params[i].numel();
-      if (step_on_device)
-        refs[i].step.device_ptr = step_tensors[i].data_ptr<float>();
-      else
-        refs[i].step.value = steps[i];
-    }
-    const int64_t chunks = total_chunks(refs, chunk_size);
-    if (chunks == 0) return out.zero_();
-    at::Tensor partials = at::empty({2, chunks}, options);
-    LaunchArgs<scalar_t> common;
-    common.hyper = h;
-    common.lr_device = lr_on_device.defined() ? lr_on_device.data_ptr<float>() : nullptr;
-    common.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
-    common.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-    common.step_on_device = step_on_device;
-    common.chunk_size = chunk_size;
-    common.agar_partials = partials[0].data_ptr<double>();
-    common.conf_partials = partials[1].data_ptr<double>();
-    step_group<scalar_t, kBlockSize>(refs, common, out.data_ptr<double>(), launch);
-    return out;
-  };
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      return run(float{});
-    case at::kBFloat16:
-      return run(c10::BFloat16{});
-    default:  // check_tensor_lists admits only float32, bfloat16 and float16
-      return run(c10::Half{});
   }
 }
 

@@ -92,10 +92,13 @@ CASMO_HD GateConsts gate_consts(const Hyper& h, double agar_sum, double n) {
 // Ternaries rather than fmaxf/fminf so that host compilers vectorise the loops.
 CASMO_HD float max_f(float a, float b) { return a > b ? a : b; }
 
-// Pass 1: fold the (unscaled) gradient into the moments. The deviation is taken from
+// A gradient element as GradScaler's unscale_ leaves it: the kernels write this back
+// into the gradient when given a scale, as torch's fused Adam does.
+CASMO_HD float unscale(float scaled_g, const Hyper& h) { return scaled_g * h.inv_grad_scale; }
+
+// Pass 1: fold the unscaled gradient into the moments. The deviation is taken from
 // the previous mean, before m moves.
-CASMO_HD void update_moments(float scaled_g, float& m, float& s, const Hyper& h) {
-  const float g = scaled_g * h.inv_grad_scale;
+CASMO_HD void update_moments(float g, float& m, float& s, const Hyper& h) {
   const float d = g - m;
   m = h.beta1 * m + h.one_minus_beta1 * g;
   s = h.beta2 * s + h.one_minus_beta2 * (d * d);

@@ -7,8 +7,9 @@
 // Its arguments: each tensor's step count after this step, as floats (steps) or as
 // float32 scalars on the tensors' device (step_tensors), one of the two lists empty; lr,
 // or lr_tensor when given; the group's hyper-parameters; GradScaler's grad_scale (the
-// gradients are multiplied by its reciprocal) and found_inf (nonzero: nothing changes
-// and the sums are zeros), both optional one-element float32 tensors.
+// gradients are multiplied by its reciprocal, in place, as torch's fused Adam unscales
+// them) and found_inf (nonzero: nothing changes, the gradients included, and the sums
+// are zeros), both optional one-element float32 tensors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,6 +54,10 @@ at::Tensor cuda_emulated_step(const TensorList& params, const TensorList& grads,
                               double eps, double weight_decay, double c_min, double robustness,
                               double rel_floor, int64_t chunk_size, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf);
+
+// How many partial sums the emulated kernels' reductions have read since the process
+// started (for tests: each tensor's partials are to be read once by its sum).
+int64_t cuda_emulated_partials_read();
 
 // The launch-packing limits of the CUDA kernels, so tests can exceed them:
 // {"max_tensors", "max_blocks", "block_size", "emulated_block_size", "default_chunk_size"}.

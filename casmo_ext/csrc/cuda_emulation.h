@@ -22,6 +22,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;

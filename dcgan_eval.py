@@ -1,0 +1,123 @@
+"""The DCGAN's evaluations during training (train_dcgan.py): the sample grids, the diversity
+ratio with its mode-collapse warning, and quality.csv's rows, for G and for its moving average
+(--g-ema). The measures themselves are sample_quality's."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn as nn
+from torchvision.utils import save_image
+
+import sample_quality
+from dcgan_run import Training
+from run_log import SAMPLE_MEASURES
+
+EVAL_BATCH = 250  # generated images per forward pass at an evaluation
+COLLAPSE_RATIO = 0.3
+COLLAPSE_GRACE_STEPS = 500
+STABILISER_HINT = (
+    "try --lr-d 5e-5, --instance-noise 0.1, --d-every 2, --label-smooth 0.8, "
+    "--real-label-range 0.7 1.0 or --d-dropout 0.3"
+)
+# What the console shows of a quality.csv row.
+QUALITY_SHOWN = (
+    "loss_d_mean", "loss_g_mean", "diversity_ratio", "kid", "fid", "precision", "recall", "coverage",
+    "modes_covered", "kid_ema", "fid_ema", "eval_seconds",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def scoring_only(module: nn.Module, device: torch.device):
+    """No graph, and the training goes on as if the forward passes inside never ran: they
+    draw none of its random numbers and leave BatchNorm's running statistics as they were."""
+    buffers = [buffer.clone() for buffer in module.buffers()]
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+        for buffer, saved in zip(module.buffers(), buffers):
+            buffer.copy_(saved)
+
+
+@torch.no_grad()
+def write_grid(training: Training, name: str) -> None:
+    """samples/<name> (and samples/ema/<name> with --g-ema): G's images of the fixed grid
+    noise; while the logs are open, also TensorBoard images at the current step."""
+    session, nets = training.session, training.nets
+    samples, step = session.run_dir / "samples", training.counters.step
+    # Train-mode BatchNorm, as in the PyTorch example: early running statistics lag far
+    # behind the batch ones. The running statistics this updates are never used in training.
+    # Every rank runs G (SyncBatchNorm's forward is a collective); rank 0 saves.
+    with session.autocast():
+        grid = nets.generator(session.grid_noise).float()
+    if session.ranks.is_main:
+        save_image(grid, samples / name, nrow=8, normalize=True, value_range=(-1, 1))
+        if training.logs is not None:
+            training.logs.image("samples", samples / name, step)
+    if nets.g_ema is not None:
+        with scoring_only(nets.g_ema.module, session.ranks.device), session.autocast():
+            grid = nets.g_ema.module(session.grid_noise).float()
+        if session.ranks.is_main:
+            (samples / "ema").mkdir(exist_ok=True)
+            save_image(grid, samples / "ema" / name, nrow=8, normalize=True, value_range=(-1, 1))
+            if training.logs is not None:
+                training.logs.image("samples_ema", samples / "ema" / name, step)
+
+
+@torch.no_grad()
+def measure_diversity(training: Training) -> float:
+    session, step = training.session, training.counters.step
+    with session.autocast():
+        generated = training.nets.generator(session.diversity_noise[: len(session.real_reference)]).float()
+    ratio = sample_quality.diversity_ratio(generated, session.real_reference)
+    # A fresh G draws near-identical images; judge collapse only once it had time to spread.
+    if ratio < COLLAPSE_RATIO and step >= min(session.steps_per_epoch, COLLAPSE_GRACE_STEPS):
+        session.ranks.say(
+            f"warning: step {step}: generated images are far less varied than real ones (diversity "
+            f"ratio {ratio:.2f}), a sign of mode collapse; {STABILISER_HINT}"
+        )
+    return ratio
+
+
+@torch.no_grad()
+def sample_metrics(training: Training, generator: nn.Module, suffix: str = "") -> dict:
+    """sample_quality's measures of --eval-samples images of `generator` (rank 0, without
+    --no-fid), named with `suffix`. Every rank generates (SyncBatchNorm's forward is a
+    collective); generating changes nothing in the training (scoring_only)."""
+    session = training.session
+    # Only rank 0 scores; the other ranks generate only to join SyncBatchNorm's collectives.
+    if session.args.no_fid or (session.reference is None and not session.args.sync_bn):
+        return {}
+    images = []
+    with scoring_only(generator, session.ranks.device):
+        for noise in session.eval_noise.split(EVAL_BATCH):
+            with session.autocast():
+                images.append(sample_quality.from_tanh(generator(noise).float()))
+    if session.reference is None:
+        return {}
+    metrics = sample_quality.evaluate(torch.cat(images), session.reference, session.feature_space)
+    return {f"{name}{suffix}": metrics[name] for name in SAMPLE_MEASURES if name in metrics}
+
+
+def measure_quality(training: Training) -> None:
+    """quality.csv's row: the means over the steps since the last row, the diversity ratio
+    and the sample-quality measures, of G and of its moving average (--g-ema)."""
+    session, nets, counters = training.session, training.nets, training.counters
+    start = time.perf_counter()
+    row = {"epoch": counters.epoch, "step": counters.step, **training.sums.means(session.ranks)}
+    row["diversity_ratio"] = measure_diversity(training)
+    row.update(sample_metrics(training, nets.generator))
+    if nets.g_ema is not None:
+        ema = nets.g_ema.module
+        with scoring_only(ema, session.ranks.device), session.autocast():
+            generated = ema(session.diversity_noise[: len(session.real_reference)]).float()
+        row["diversity_ratio_ema"] = sample_quality.diversity_ratio(generated, session.real_reference)
+        row.update(sample_metrics(training, ema, "_ema"))
+    row["eval_seconds"] = time.perf_counter() - start
+    training.logs.write("quality", row)
+    training.logs.last_row_step = counters.step
+    shown = [key for key in QUALITY_SHOWN if key in row]
+    summary = " ".join(f"{key} {row[key]:.4g}" for key in shown)
+    session.ranks.say(f"epoch {counters.epoch}/{session.args.epochs} step {counters.step}: {summary}")
+    training.sums.values.zero_()

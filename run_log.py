@@ -1,0 +1,141 @@
+"""What a training run logs: the columns of log.csv and quality.csv of both scripts, defined
+once here for the scripts and for plot_logs.py, and RunLog, the one writer the scripts log
+through: the CSV files always and, with --tensorboard, the same rows as TensorBoard scalars
+and the sample pictures as images, in RUN/tensorboard/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gan_common import CSVLog, RunError
+
+# Columns every GAN log has, in this order; each script appends its own after these.
+LOG_COLUMNS = [
+    "step",
+    "epoch",
+    "loss_d",
+    "loss_g",
+    "d_x",
+    "d_g_z",
+    "agar_g",
+    "conf_g",
+    "agar_d",
+    "conf_d",
+    "grad_norm_g",
+    "grad_norm_d",
+    "grad_noise_g",
+    "grad_noise_d",
+]
+TOY_LOG_COLUMNS = [*LOG_COLUMNS, "steps_per_sec"]
+DCGAN_LOG_COLUMNS = [*LOG_COLUMNS, "d_g_z_after_d", "steps_per_sec"]
+TOY_QUALITY_COLUMNS = [
+    "epoch", "step", "mmd", "swd", "on_support", "left_share", "right_share", "coverage_ok",
+    "precision", "recall", "density", "coverage",
+]  # fmt: skip
+# sample_quality.evaluate's measures of the DCGAN's samples, of G and, with --g-ema, of its
+# moving average (columns with the suffix _ema).
+SAMPLE_MEASURES = [
+    "kid",
+    "kid_std",
+    "fid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "modes_covered",
+    "mode_kl",
+]
+DCGAN_QUALITY_COLUMNS = [
+    "epoch",
+    "step",
+    "loss_d_mean",
+    "loss_g_mean",
+    "d_x_mean",
+    "d_g_z_mean",
+    "diversity_ratio",
+    "d_dominated_share",
+    *SAMPLE_MEASURES,
+    "diversity_ratio_ema",
+    *(f"{column}_ema" for column in SAMPLE_MEASURES),
+    "eval_seconds",
+]
+TENSORBOARD_FOLDER = "tensorboard"
+
+
+def check_tensorboard() -> None:
+    """A RunError naming the fix when --tensorboard is asked for without the package."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise RunError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard "
+            "(the version requirements.txt pins), or leave --tensorboard out"
+        ) from None
+
+
+class TensorBoardSink:
+    """RunLog's rows as scalars tagged <file>/<column> (log/loss_d, quality/kid) at their row's
+    step, and pictures as images. A resumed run's writer purges the events after the
+    checkpoint's step, which the stopped session wrote and the resumed one writes again, so
+    the stream holds every step once, as the CSV files do."""
+
+    def __init__(self, folder: Path, after_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=after_step + 1)
+
+    def scalars(self, name: str, row: dict) -> None:
+        for column, value in row.items():
+            if column == "step" or value is None:
+                continue
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            self.writer.add_scalar(f"{name}/{column}", float(value), global_step=row["step"])
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("RGB"))
+        self.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RunLog:
+    """log.csv and quality.csv of a run folder and, with `tensorboard`, their TensorBoard
+    twin. Rows after `after_step` (the checkpoint's step; 0 for a new run) are dropped
+    first: the run logs them again, and no file holds a step twice."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        log_columns: list[str],
+        quality_columns: list[str],
+        after_step: int,
+        tensorboard: bool,
+    ):
+        self.files = {
+            "log": CSVLog(run_dir / "log.csv", log_columns, after_step),
+            "quality": CSVLog(run_dir / "quality.csv", quality_columns, after_step),
+        }
+        self.tensorboard = TensorBoardSink(run_dir / TENSORBOARD_FOLDER, after_step) if tensorboard else None
+
+    def write(self, name: str, row: dict) -> None:
+        """A row of "log" (log.csv) or "quality" (quality.csv)."""
+        self.files[name].write(row)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(name, row)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A picture the run saved at `path`, for TensorBoard's image tab."""
+        if self.tensorboard is not None:
+            self.tensorboard.image(tag, path, step)
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
