@@ -17,7 +17,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput speed-check benchmark benchmark-small lint install check-arm check-ptxas gpu-check
+.PHONY: demo test bench throughput speed-check benchmark benchmark-small lint install check-arm check-ptxas gpu-check test-arm
 
 install: $(VENV)/.built $(VENV)/pip.conf
 
@@ -112,3 +112,11 @@ check-ptxas: $(VENV)/.deps
 # make gpu-check PY=python3.
 gpu-check:
 	$(PY) tools/gpu_check.py
+
+# The NEON build run, not only compiled: the extension cross-compiled for aarch64 and
+# tests/test_cpu_kernel.py and tests/test_optimizer.py run on it under qemu's user-mode
+# emulation, in a Debian arm64 root that it makes in .arm/ (tools/test_arm.sh says how).
+# Needs root and the network to Debian's mirror and PyPI. Not run by CI (its time): about
+# 7-15 minutes the first time on 2 cores (the root, a 454 MB torch wheel) (docs/speed.md).
+test-arm:
+	tools/test_arm.sh
