@@ -15,8 +15,8 @@
 # the extension suffix are aarch64's, and setup.py compiles only the DEFAULT variant,
 # at::vec's NEON code), with Debian's x86-64 cross compiler, which runs natively: its
 # files are bind-mounted into the root for the build only.
-# Options (environment): ARM_DIR (default .arm), ARM_MIRROR (a Debian mirror),
-# PYTEST_ARGS (extra pytest arguments).
+# Options (environment): ARM_DIR (default .arm), ARM_MIRROR (a Debian mirror), PYTHON (a
+# host Python with pip, default python3), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -35,11 +35,15 @@ die() {
 
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and mounts): run it with sudo"
 [ "$(uname -m)" = x86_64 ] || die "written for an x86-64 host (on aarch64, run make test)"
+# The cross compiler's x86-64 libraries are taken from /usr/lib/x86_64-linux-gnu alone.
+[ "$(realpath /lib)" = /usr/lib ] || die "written for a merged-/usr host (Debian 12, Ubuntu 22.04 or later)"
+"$PYTHON" -m pip --version >/dev/null 2>&1 ||
+  die "needs a Python with pip to fetch the aarch64 wheels: set PYTHON (e.g. PYTHON=.venv/bin/python)"
 
 # --- host tools -------------------------------------------------------------------
 missing=()
 command -v debootstrap >/dev/null || missing+=(debootstrap)
-[ -x /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || missing+=(qemu-user-static)
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
@@ -92,10 +96,10 @@ SITE=$ROOT/opt/site
 if [ "$(cat "$SITE/.packages" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
   say "downloading and installing the aarch64 wheels (torch: 454 MB)"
   mkdir -p "$ARM/wheels"
-  nice "$PYTHON" -m pip download -q -d "$ARM/wheels" "${PLATFORM[@]}" --no-deps "${PACKAGES[0]}"
-  nice "$PYTHON" -m pip download -q -d "$ARM/wheels" "${PLATFORM[@]}" "${PACKAGES[@]:1}"
+  nice "$PYTHON" -m pip download -qq -d "$ARM/wheels" "${PLATFORM[@]}" --no-deps "${PACKAGES[0]}"
+  nice "$PYTHON" -m pip download -qq -d "$ARM/wheels" "${PLATFORM[@]}" "${PACKAGES[@]:1}"
   rm -rf "$SITE" "$ROOT/opt/cuda-stubs"
-  local_install() { nice "$PYTHON" -m pip install -q --no-index --find-links "$ARM/wheels" --no-compile --root-user-action=ignore \
+  local_install() { nice "$PYTHON" -m pip install -qq --no-index --find-links "$ARM/wheels" --no-compile --root-user-action=ignore \
     --target "$SITE" "${PLATFORM[@]}" "$@"; }
   local_install --no-deps "${PACKAGES[0]}"
   local_install "${PACKAGES[@]:1}"
@@ -165,10 +169,15 @@ hash=$( (
 ) | sha256sum | cut -c1-16)
 if [ "$(cat "$ARM/src/.built" 2>/dev/null)" != "$hash" ] || ! ls "$ARM"/src/casmo_ext/_C.*.so >/dev/null 2>&1; then
   say "building casmo_ext._C for aarch64 (emulated setup.py, native cross compiler)"
+  # torch's headers warn a good deal with setup.py's flags: the output goes to a log.
   BUILD=1 in_root sh -c 'cd /src && exec nice "$@"' sh env CASMO_NO_CUDA=1 MAX_JOBS=1 \
     CC=aarch64-linux-gnu-gcc CXX=aarch64-linux-gnu-g++ LDSHARED="aarch64-linux-gnu-g++ -shared" \
-    CFLAGS=-Wno-psabi LDFLAGS="-Wl,-rpath-link,/opt/cuda-stubs" \
-    python3.11 setup.py -q build_ext --inplace --force
+    LDFLAGS="-Wl,-rpath-link,/opt/cuda-stubs" python3.11 setup.py build_ext --inplace --force \
+    >"$ARM/build.log" 2>&1 || {
+    tail -40 "$ARM/build.log"
+    die "the build failed: $ARM/build.log"
+  }
+  grep '^casmo_ext:' "$ARM/build.log" || true
   echo "$hash" >"$ARM/src/.built"
 fi
 so=$(ls "$ARM"/src/casmo_ext/_C.*.so)
