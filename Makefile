@@ -38,7 +38,7 @@ $(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
 	cp venv-pip.conf $@
 
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=25
 
 # The main job, small: what the benchmark compares, on one seed. The semicircle toy and a
 # 1,000-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
