@@ -5,6 +5,7 @@ and the sample pictures as images, in RUN/tensorboard/."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,29 @@ import torch
 from PIL import Image
 
 from gan_common import CSVLog, RunError
+
+# RUN/status.json: how a run stands, {"status", "step", "cause", "checkpoint_step"}, written by
+# the training scripts and read by benchmark.py and plot_logs.py.
+STATUS_FILE = "status.json"
+STATUSES = ("running", "finished", "stopped", "diverged")
+EXIT_DIVERGED = 3  # a training script's exit code when a loss or a weight turned non-finite
+
+
+def read_status(run_dir: Path) -> dict | None:
+    """The run's status.json, or None for a run without one (made before status files)."""
+    path = Path(run_dir) / STATUS_FILE
+    if not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunError(
+            f"{path} is unreadable ({error}); delete it to treat the run as one without status"
+        ) from None
+    if status.get("status") not in STATUSES:
+        raise RunError(f"{path}: status {status.get('status')!r} is none of {', '.join(STATUSES)}")
+    return status
+
 
 # Columns every GAN log has, in this order; each script appends its own after these.
 LOG_COLUMNS = [
