@@ -14,9 +14,9 @@ from torchvision.utils import save_image
 import sample_quality
 from dcgan_run import Training
 from run_log import SAMPLE_MEASURES
+from run_summary import COLLAPSE_RATIO
 
 EVAL_BATCH = 250  # generated images per forward pass at an evaluation
-COLLAPSE_RATIO = 0.3
 COLLAPSE_GRACE_STEPS = 500
 STABILISER_HINT = (
     "try --lr-d 5e-5, --instance-noise 0.1, --d-every 2, --label-smooth 0.8, "

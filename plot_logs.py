@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.02,
         help="time constant of the moving average, as a fraction of a run's logged steps",
     )
+    parser.add_argument(
+        "--caption",
+        metavar="TEXT",
+        help="a line added to compare_samples.png's title and to the head of summary.md "
+        "(e.g. that each configuration is one seed)",
+    )
     return parser.parse_args(argv)
 
 
@@ -126,10 +132,10 @@ def report(args: argparse.Namespace) -> list[dict[str, object]]:
     compare_files = []
     for prefix, set_runs in sets.items():
         run_summary.warn_mixed_hyperparameters(set_runs)
-        compare_files += plot_comparisons(set_runs, out, prefix, args.smooth)
+        compare_files += plot_comparisons(set_runs, out, prefix, args.smooth, args.caption)
     rows = run_summary.summary_rows(sets)
     run_summary.write_summary_csv(rows, out / "summary.csv")
-    run_summary.write_summary_md(rows, sets, out / "summary.md")
+    run_summary.write_summary_md(rows, sets, out / "summary.md", args.caption)
 
     print(f"per-run figures: {out}/<run>/ for {len(runs)} run(s): {', '.join(run.name for run in runs)}")
     print(f"comparison figures: {', '.join(str(path) for path in compare_files)}")
@@ -301,6 +307,8 @@ def plot_run(run: LoggedRun, out_dir: Path, smooth: float) -> None:
         return draw_run_panel(ax, run, panel, tau)
 
     title = f"{run.name}: {run.config}, seed {run.seed}"
+    if run.diverged:
+        title += f", diverged at step {run.status.get('step')}"
     draw_figure(out_dir / "loss_plot.png", f"Losses, {title}", [LOSS_PANEL], draw)
     draw_figure(out_dir / "score_plot.png", f"Discriminator scores, {title}", [SCORE_PANEL], draw)
     draw_figure(out_dir / "grad_norm_plot.png", f"Gradient norms, {title}", [GRAD_PANEL, NOISE_PANEL], draw)
@@ -457,7 +465,9 @@ def moving_average(steps: np.ndarray, values: np.ndarray, tau: float) -> np.ndar
     return averaged
 
 
-def plot_comparisons(runs: list[LoggedRun], out: Path, prefix: str, smooth: float) -> list[Path]:
+def plot_comparisons(
+    runs: list[LoggedRun], out: Path, prefix: str, smooth: float, caption: str | None = None
+) -> list[Path]:
     """The comparison figures of one set of runs (one script, one dataset)."""
     tau = smoothing_time([run.steps for run in runs], smooth)
     groups = by_config(runs)
@@ -506,19 +516,23 @@ def plot_comparisons(runs: list[LoggedRun], out: Path, prefix: str, smooth: floa
         draw_figure(path, f"{title}: {what}, mean ± std over seeds", panels, draw)
         written.append(path)
     if runs[0].kind == "dcgan" and plot_samples_side_by_side(
-        groups, out / f"{prefix}compare_samples.png", what
+        groups, out / f"{prefix}compare_samples.png", what, caption
     ):
         written.append(out / f"{prefix}compare_samples.png")
     return written
 
 
-def plot_samples_side_by_side(groups: dict[str, list[LoggedRun]], path: Path, what: str) -> bool:
+def plot_samples_side_by_side(
+    groups: dict[str, list[LoggedRun]], path: Path, what: str, caption: str | None = None
+) -> bool:
     """compare_samples.png: per configuration (its first seed), the sample grids at a few steps
-    every configuration has, above the configurations' KID curves. False when there are no
-    common steps or no KID to draw."""
+    every configuration has (of the runs that did not diverge; a diverged run's later cells
+    say so), above the configurations' KID curves. False when there are no such steps or no
+    KID to draw."""
     firsts = {config: seeds[0] for config, seeds in groups.items()}
     grids = {config: run_summary.step_grids(run.path) for config, run in firsts.items()}
-    common = sorted(set.intersection(*(set(by_step) for by_step in grids.values())))
+    whole = [set(grids[config]) for config, run in firsts.items() if not run.diverged]
+    common = sorted(set.intersection(*whole) if whole else set.union(*map(set, grids.values())))
     kid_panel = DCGAN_MEASURE_PANELS[0]
     if not common or not any(run.quality is not None for seeds in groups.values() for run in seeds):
         return False
@@ -528,16 +542,14 @@ def plot_samples_side_by_side(groups: dict[str, list[LoggedRun]], path: Path, wh
     top, bottom = fig.subfigures(2, 1, height_ratios=(2.4 * len(steps), 4))
     axes = top.subplots(len(steps), len(groups), squeeze=False)
     for column, (config, run) in enumerate(firsts.items()):
-        final_kid = np.nanmean(
-            [seed.quality["kid"][-1] for seed in groups[config] if seed.quality is not None]
-        )
-        seeds = len(groups[config])
-        mean_of = f"mean of {seeds} seeds" if seeds > 1 else "1 seed"
-        title = f"{config}, seed {run.seed}\nfinal KID ({mean_of}): {number(final_kid)}"
-        axes[0][column].set_title(title, fontsize=9)
+        axes[0][column].set_title(f"{config}, seed {run.seed}\n{final_kid_text(groups[config])}", fontsize=9)
         for row, step in enumerate(steps):
             ax = axes[row][column]
-            ax.imshow(plt.imread(grids[config][step]))
+            if step in grids[config]:
+                ax.imshow(plt.imread(grids[config][step]))
+            else:
+                stopped = f"diverged at step {run.status.get('step')}" if run.diverged else "no sample"
+                ax.text(0.5, 0.5, stopped, ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             if column == 0:
@@ -545,23 +557,51 @@ def plot_samples_side_by_side(groups: dict[str, list[LoggedRun]], path: Path, wh
     ax = bottom.subplots()
     decorate(ax, kid_panel, drew=draw_compare_panel(ax, groups, kid_panel, tau=0.0))
     ax.legend(*zip(*unique_legend_entries([ax])), fontsize=8, ncol=2)
-    fig.suptitle(f"Samples of G and its KID (mean ± std over seeds, dashed: EMA G): {what}")
+    title = f"Samples of G and its KID (mean ± std over seeds, dashed: EMA G): {what}"
+    fig.suptitle(title + (f"\n{caption}" if caption else ""))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return True
 
 
+def final_kid_text(seeds: list[LoggedRun]) -> str:
+    """The configuration's KID at the last evaluation, the mean over its seeds that did not
+    diverge, naming the seeds without a value and counting the diverged ones."""
+    kept = [run for run in seeds if not run.diverged]
+    last = {
+        run.seed: run.quality["kid"][-1] if run.quality is not None and run.quality.n_rows else math.nan
+        for run in kept
+    }
+    finite = [value for value in last.values() if math.isfinite(value)]
+    notes = [f"seed {seed} NaN" for seed, value in last.items() if not math.isfinite(value)]
+    notes += [f"{len(seeds) - len(kept)} diverged"] if len(kept) < len(seeds) else []
+    mean_of = f"mean of {len(finite)} seeds" if len(finite) > 1 else f"{len(finite)} seed"
+    text = f"final KID ({mean_of}): {number(float(np.mean(finite)) if finite else math.nan)}"
+    return text + (f"\n({'; '.join(notes)})" if notes else "")
+
+
 def draw_compare_panel(ax, groups: dict[str, list[LoggedRun]], panel: Panel, tau: float) -> bool:
-    """Every configuration in its colour; with two series in a panel (G, D) the line style tells
-    them apart, and a grey sample line per style goes into the legend."""
-    drew = False
+    """Every configuration in its colour: the mean ± std of its seeds that did not diverge, and
+    each diverged seed as a thin line ending in × where it stopped. With two series in a panel
+    (G, D) the line style tells them apart, and a grey sample line per style goes into the legend."""
+    drew = any_diverged = False
     for config, seeds in groups.items():
+        kept = [run for run in seeds if not run.diverged]
+        diverged = [run for run in seeds if run.diverged]
+        label = f"{config} ({len(kept)} seed{'s' * (len(kept) != 1)}"
+        label += f", {len(diverged)} diverged)" if diverged else ")"
         for series in panel.series:
-            curves = [series_curve(run, panel, series, tau) for run in seeds]
-            label = f"{config} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
-            drew |= draw_mean_with_band(
-                ax, curves, config_color(config), series.linestyle, label, panel.log_y
-            )
+            curves = [series_curve(run, panel, series, tau) for run in kept]
+            style = (config_color(config), series.linestyle)
+            labelled = draw_mean_with_band(ax, curves, *style, label, panel.log_y)
+            for run in diverged:  # the label goes on the first line drawn, once
+                curve = series_curve(run, panel, series, tau)
+                ended = draw_diverged_run(ax, curve, *style, None if labelled else label, panel.log_y)
+                labelled |= ended
+                any_diverged |= ended
+            drew |= labelled
+    if any_diverged:
+        ax.plot([], [], color="0.3", marker="x", linestyle="none", label="diverged run: ends at ×")
     if drew and len(panel.series) > 1:
         for series in panel.series:
             ax.plot(
@@ -580,6 +620,20 @@ def series_curve(run: LoggedRun, panel: Panel, series: Series, tau: float) -> tu
         table = run.quality if run.quality is not None else Columns({}, 0)
         return table[panel.xlabel], table[series.column]
     return run.steps, smoothed(run.steps, run.log[series.column], tau, panel.log_y)
+
+
+def draw_diverged_run(
+    ax, curve: tuple[np.ndarray, np.ndarray], color: str, linestyle: str, label: str | None, log_scale: bool
+) -> bool:
+    """One diverged seed's curve as it was logged, thin, with × at its last finite value."""
+    steps, values = curve
+    shown = np.isfinite(values) & (values > 0 if log_scale else True)
+    if not shown.any():
+        return False
+    steps, values = steps[shown], values[shown]
+    ax.plot(steps, values, color=color, linestyle=linestyle, linewidth=0.9, label=label)
+    ax.plot(steps[-1:], values[-1:], color=color, marker="x", markersize=8, linestyle="none")
+    return True
 
 
 def linestyle_name(linestyle: str) -> str:

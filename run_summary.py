@@ -22,7 +22,7 @@ import scipy.stats
 from tqdm import tqdm
 
 import gan_common
-from run_log import SAMPLE_MEASURES
+from run_log import SAMPLE_MEASURES, read_status
 
 # Windows of the loss statistics, as fractions of a run's logged rows.
 EDGE_FRACTION = 0.10  # "initial" / "final" = mean of the first / last 10 % of logged rows
@@ -31,6 +31,9 @@ TREND_FRACTION = 0.50  # the G loss trend is fitted on the last half
 
 # The convergence checklist (after the training-analysis walkthrough), one threshold each.
 D_COLLAPSED_BELOW = 0.1  # final D loss below this: D wins outright, G gets no useful signal
+# G's samples spread less than this times the real images' (diversity_ratio): mode collapse. The
+# training script's warning and the benchmark protocol's "collapsed" both use it.
+COLLAPSE_RATIO = 0.3
 D_STUCK_ABOVE = 1.3  # final D loss above this ...
 D_STUCK_MAX_CHANGE = 0.1  # ... and within this of its initial value: D never learned
 STABLE_MAX_CV = 0.2  # std / |mean| of the last 20 % of D and G loss below this: stabilised
@@ -89,11 +92,20 @@ class LoggedRun:
     quality: Columns | None
     real: np.ndarray | None
     generated: np.ndarray | None
+    status: dict | None  # status.json (run_log.read_status); None for a run made before status files
     name: str = ""  # unique among the runs plotted together; set after loading
 
     @property
     def steps(self) -> np.ndarray:
         return self.log["step"]
+
+    @property
+    def diverged(self) -> bool:
+        return is_diverged(self.status)
+
+
+def is_diverged(status: dict | None) -> bool:
+    return status is not None and status["status"] == "diverged"
 
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
@@ -124,36 +136,56 @@ def load_runs(paths: list[Path]) -> tuple[list[LoggedRun], list[tuple[Path, str]
 
 
 def load_run(path: Path) -> LoggedRun:
-    if not path.exists():
-        raise NotARun("does not exist")
-    if not path.is_dir():
-        raise NotARun("not a folder")
-    for required in ("config.json", "log.csv"):
-        if not (path / required).is_file():
-            raise NotARun(f"no {required}")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NotARun(f"config.json is not valid JSON ({error})") from None
+    config, status = read_config(path), read_run_status(path)
+    if not (path / "log.csv").is_file():
+        raise NotARun("no log.csv")
     log = read_numeric_csv(path / "log.csv")
     if "step" not in log:
         raise NotARun("log.csv has no step column")
     if log.n_rows == 0:
-        raise NotARun("log.csv has no complete data row")
+        stopped = f" (status.json: {status['status']} at step {status.get('step')})" if status else ""
+        raise NotARun(f"log.csv has no complete data row{stopped}")
     args = config.get("args", {})
     kind = Path(str(config.get("script", "unknown"))).stem.removeprefix("train_")
     return LoggedRun(
         path=path,
         kind=kind,
         dataset=args.get("dataset") if kind == "dcgan" else None,
-        config=args.get("label") or f"{args.get('g_opt', '?')}_{args.get('d_opt', '?')}",
+        config=config_name(args),
         seed=args.get("seed"),
         args=args,
         log=log,
         quality=read_numeric_csv(path / "quality.csv") if (path / "quality.csv").is_file() else None,
         real=read_points(path / "real.csv"),
         generated=read_points(path / "generated.csv"),
+        status=status,
     )
+
+
+def read_config(path: Path) -> dict:
+    """A run folder's config.json; NotARun says why a folder has none that can be read."""
+    if not path.exists():
+        raise NotARun("does not exist")
+    if not path.is_dir():
+        raise NotARun("not a folder")
+    if not (path / "config.json").is_file():
+        raise NotARun("no config.json")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NotARun(f"config.json is not valid JSON ({error})") from None
+
+
+def read_run_status(path: Path) -> dict | None:
+    try:
+        return read_status(path)
+    except gan_common.RunError as error:
+        raise NotARun(str(error)) from None
+
+
+def config_name(args: dict) -> str:
+    """A run's configuration: its --label (a control's "casmo_adam-control"), else "<g_opt>_<d_opt>"."""
+    return args.get("label") or f"{args.get('g_opt', '?')}_{args.get('d_opt', '?')}"
 
 
 def read_numeric_csv(path: Path) -> Columns:
@@ -305,7 +337,9 @@ def side_by_side_steps(steps: list[int]) -> list[int]:
 # Tables
 
 LOSS_STATISTICS = ("initial", "final", "min", "max", "mean", "std")
-VERDICTS = ("d_collapsed", "d_stuck_high", "stabilised", "g_trend", "wild_oscillation", "ever_covered")
+VERDICTS = (
+    "diverged", "d_collapsed", "d_stuck_high", "stabilised", "g_trend", "wild_oscillation", "ever_covered",
+)  # fmt: skip
 # The DCGAN's sample measures in the tables: all but kid_std.
 DCGAN_MEASURES = tuple(name for name in SAMPLE_MEASURES if name != "kid_std")
 SUMMARY_QUALITY_COLUMNS = {
@@ -316,7 +350,11 @@ SUMMARY_QUALITY_COLUMNS = {
 
 def run_summary(run: LoggedRun) -> dict[str, object]:
     d_loss, g_loss = run.log["loss_d"], run.log["loss_g"]
-    summary: dict[str, object] = {"rows": run.log.n_rows, "last_step": float(np.nanmax(run.steps))}
+    summary: dict[str, object] = {
+        "rows": run.log.n_rows,
+        "last_step": float(np.nanmax(run.steps)),
+        "diverged": "yes" if run.diverged else "no",
+    }
     for network, values in (("d", d_loss), ("g", g_loss)):
         summary.update({f"{network}_{name}": value for name, value in loss_statistics(values).items()})
     summary.update(convergence_checks(d_loss, g_loss, run.steps))
@@ -456,15 +494,14 @@ def summary_rows(sets: dict[str, list[LoggedRun]]) -> list[dict[str, object]]:
         per_run = [(run, run_summary(run)) for run in runs]
         for config, seeds in by_config(runs).items():
             summaries = [summary for run, summary in per_run if run.config == config]
-            seeds_text = ",".join(str(run.seed) for run in seeds)
             rows.append(
                 {
                     "set": what,
                     "scope": "configuration",
                     "name": config,
                     "configuration": config,
-                    "seeds": seeds_text,
-                    **aggregate(summaries),
+                    "seeds": ",".join(str(run.seed) for run in seeds),
+                    **aggregate(summaries, [run.seed for run in seeds]),
                 }
             )
         for run, summary in per_run:
@@ -481,9 +518,12 @@ def summary_rows(sets: dict[str, list[LoggedRun]]) -> list[dict[str, object]]:
     return rows
 
 
-def aggregate(summaries: list[dict[str, object]]) -> dict[str, object]:
-    """Numbers: mean, with the sample std over seeds in "<name>_std" (NaN for one seed).
-    Verdicts: how many seeds said yes ("2/3"); the G trend: the common word or the counts."""
+def aggregate(summaries: list[dict[str, object]], seeds: list[object]) -> dict[str, object]:
+    """Numbers: mean, with the sample std over seeds in "<name>_std" (NaN for one seed) and the
+    95% t-interval's half width in "<name>_ci95". Verdicts: how many seeds said yes ("2/3"); the
+    G trend: the common word or the counts. Where some seeds have no value (a non-finite number,
+    a verdict "n/a") and others do, "<name>_nan_seeds" lists them ("1,2"): the mean and the
+    counts are of the other seeds."""
     combined: dict[str, object] = {}
     for key in summaries[0]:
         values = [summary[key] for summary in summaries]
@@ -494,14 +534,19 @@ def aggregate(summaries: list[dict[str, object]]) -> dict[str, object]:
                 if len(counts) == 1
                 else ", ".join(f"{word} {n}" for word, n in counts.most_common())
             )
-        elif key in VERDICTS:
-            combined[key] = f"{values.count('yes')}/{len(values)}"
+            continue
+        if key in VERDICTS:
+            missing = [value == "n/a" for value in values]
+            combined[key] = "n/a" if all(missing) else f"{values.count('yes')}/{len(values) - sum(missing)}"
         else:
             numbers = np.array(values, dtype=float)
+            missing = list(~np.isfinite(numbers))
             finite = numbers[np.isfinite(numbers)]
             combined[key] = float(finite.mean()) if len(finite) else math.nan
             combined[f"{key}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
             combined[f"{key}_ci95"] = t_interval_half_width(finite)
+        if any(missing) and not all(missing):
+            combined[f"{key}_nan_seeds"] = ",".join(str(seed) for seed, gone in zip(seeds, missing) if gone)
     return combined
 
 
@@ -531,6 +576,7 @@ def csv_value(value: object) -> object:
 MD_LOSS_COLUMNS = [
     (f"{net} {stat}", f"{net.lower()}_{stat}") for net in ("D", "G") for stat in LOSS_STATISTICS
 ]
+MD_DIVERGED_COLUMN = ("diverged", "diverged")  # in every table: status.json says so
 MD_CHECK_COLUMNS = [
     ("D collapsed", "d_collapsed"),
     ("D stuck high", "d_stuck_high"),
@@ -561,24 +607,28 @@ MD_MEASURE_COLUMNS = {
 }
 
 
-def write_summary_md(rows: list[dict[str, object]], sets: dict[str, list[LoggedRun]], path: Path) -> None:
-    lines = []
+def write_summary_md(
+    rows: list[dict[str, object]], sets: dict[str, list[LoggedRun]], path: Path, caption: str | None = None
+) -> None:
+    """The tables of every set; `caption`, the file's first line, says what the tables cannot
+    (e.g. that the runs are one seed each)."""
+    lines = [caption, ""] if caption else []
     for runs in sets.values():
         what = set_label(runs[0])
         set_rows = [row for row in rows if row["set"] == what]
         lines += [f"### {what}: loss statistics", ""]
-        lines += markdown_table(set_rows, MD_LOSS_COLUMNS)
+        lines += markdown_table(set_rows, [MD_DIVERGED_COLUMN, *MD_LOSS_COLUMNS])
         lines += ["", LOSS_CAPTION, "", f"### {what}: convergence checks, quality, speed", ""]
-        lines += markdown_table(
-            set_rows, MD_CHECK_COLUMNS + MD_QUALITY_COLUMNS.get(runs[0].kind, []) + MD_SPEED_COLUMNS
-        )
+        checks = [MD_DIVERGED_COLUMN, *MD_CHECK_COLUMNS, *MD_QUALITY_COLUMNS.get(runs[0].kind, [])]
+        lines += markdown_table(set_rows, checks + MD_SPEED_COLUMNS)
         lines += ["", CHECKS_CAPTION, ""]
         measures = [
             column for column in MD_MEASURE_COLUMNS.get(runs[0].kind, []) if has_values(set_rows, column[1])
         ]
         if measures:
             lines += [f"### {what}: sample quality at the last evaluation", ""]
-            lines += markdown_table(set_rows, measures, cell=interval_cell) + ["", MEASURES_CAPTION, ""]
+            lines += markdown_table(set_rows, [MD_DIVERGED_COLUMN, *measures], cell=interval_cell)
+            lines += ["", MEASURES_CAPTION, ""]
     path.write_text("\n".join(lines))
 
 
@@ -601,9 +651,9 @@ def markdown_table(rows: list[dict[str, object]], columns: list[tuple[str, str]]
 def markdown_cell(row: dict[str, object], key: str) -> str:
     value = row.get(key, math.nan)
     if not isinstance(value, float):
-        return str(value)
+        return str(value) + missing_seeds_note(row, key)
     std = row.get(f"{key}_std", math.nan)
-    return number(value) + (f" ± {number(std)}" if math.isfinite(std) else "")
+    return number(value) + (f" ± {number(std)}" if math.isfinite(std) else "") + missing_seeds_note(row, key)
 
 
 def interval_cell(row: dict[str, object], key: str) -> str:
@@ -611,7 +661,17 @@ def interval_cell(row: dict[str, object], key: str) -> str:
     value, half = row.get(key, math.nan), row.get(f"{key}_ci95", math.nan)
     if not isinstance(value, float) or not math.isfinite(half):
         return markdown_cell(row, key)
-    return f"{number(value)} [{number(value - half)}, {number(value + half)}]"
+    return f"{number(value)} [{number(value - half)}, {number(value + half)}]" + missing_seeds_note(row, key)
+
+
+def missing_seeds_note(row: dict[str, object], key: str) -> str:
+    """ " (seed 1 NaN)" / " (seeds 1,2 n/a)" after a configuration's cell whose mean or count
+    leaves those seeds out; nothing when every seed has a value."""
+    seeds = row.get(f"{key}_nan_seeds")
+    if not seeds:
+        return ""
+    what = "NaN" if isinstance(row.get(key), float) else "n/a"
+    return f" (seed{'s' * (',' in seeds)} {seeds} {what})"
 
 
 def number(value: float) -> str:
@@ -624,7 +684,10 @@ def number(value: float) -> str:
 LOSS_CAPTION = (
     f"Losses as logged (one value per logged step). *initial* / *final*: mean of the first / last "
     f"{EDGE_FRACTION:.0%} of logged steps; *min*, *max*, *mean*, *std*: over all logged steps. "
-    "Bold rows: a configuration, mean ± sample std over its seeds; the other rows are single runs."
+    "Bold rows: a configuration, mean ± sample std over its seeds; the other rows are single runs. "
+    "*diverged*: runs whose status.json says a loss or a weight turned non-finite (their logs end "
+    'there); a run without status.json counts as not diverged. "(seed 1 NaN)": the mean leaves out '
+    'that seed, whose value is not finite (a check\'s "n/a": it lacked the data).'
 )
 MEASURES_CAPTION = (
     "The last evaluation in quality.csv. Bold rows: the mean over seeds and, in brackets, its 95% "

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.figure
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -294,7 +295,7 @@ def test_sample_measures_get_a_95_percent_interval_over_seeds(plotted):
         12.706 * np.std([3, 4], ddof=1) / np.sqrt(2), rel=1e-3
     )
     text = (plotted["out"] / "summary.md").read_text()
-    assert "| **adam_casmo** | 0,1 | 3.50 [-2.85, 9.85] |" in text
+    assert "| **adam_casmo** | 0,1 | 0/2 | 3.50 [-2.85, 9.85] |" in text  # seeds, diverged, KID
 
 
 def test_skipped_folders_are_reported_with_the_reason(plotted):
@@ -530,3 +531,105 @@ def test_a_labelled_run_is_its_own_configuration_and_dcgan_grids_go_side_by_side
     assert is_png(tmp_path / "out" / "compare_samples.png")
     assert run_summary.step_grids(tmp_path / "runs" / "casmo").keys() == {200, 300}
     assert run_summary.side_by_side_steps(list(range(250, 2001, 250))) == [250, 750, 1500, 2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds without a value, diverged runs and the caption
+
+
+CAPTION = "One seed each: no interval."
+
+
+@pytest.fixture(scope="module")
+def with_divergence(tmp_path_factory) -> dict:
+    """adam_adam: seed 0 whole, seed 1 without KID, seed 2 diverged at step 150 (its logs end
+    there); casmo_adam: seed 0 diverged. The tables with a caption, the diverged seed's figures
+    and compare_samples.png (its title kept), drawn as report() does, without the other figures."""
+    root = tmp_path_factory.mktemp("diverging")
+    rng = np.random.default_rng(0)
+    whole = make_run(root / "aa_s0", script="train_dcgan.py", seed=0)
+    no_kid = make_run(root / "aa_s1", script="train_dcgan.py", seed=1)
+    quality = {name: [1, 2, 3, 4] for name in run_log.DCGAN_QUALITY_COLUMNS} | {"kid": [""] * 4}
+    write_csv(no_kid / "quality.csv", run_log.DCGAN_QUALITY_COLUMNS, quality)
+    for name, g_opt, seed in (("aa_s2", "adam", 2), ("ca_s0", "casmo", 0)):
+        losses = {column: [0.7] * 14 + [math.nan] for column in ("loss_d", "loss_g", "d_x", "d_g_z")}
+        run = make_run(root / name, script="train_dcgan.py", g_opt=g_opt, seed=seed, columns=losses)
+        write_csv(run / "quality.csv", run_log.DCGAN_QUALITY_COLUMNS, {"step": [100], "kid": [8.0]})
+        (run / "status.json").write_text(
+            json.dumps({"status": "diverged", "step": 150, "cause": "loss_d nan"})
+        )
+    for run, steps in ((whole, (100, 200, 300)), (root / "ca_s0", (100,))):
+        (run / "samples").mkdir()
+        for step in steps:
+            plt.imsave(run / "samples" / f"step_{step:06d}.png", rng.random((16, 16, 3)))
+    titles = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def keep_title(fig, path, **options):
+        titles[Path(path).name] = fig.get_suptitle()
+        save(fig, path, **options)
+
+    out = tmp_path_factory.mktemp("out")
+    runs, skipped = run_summary.read_runs([root], group_by=[])
+    sets = run_summary.comparison_sets(runs)
+    rows = run_summary.summary_rows(sets)
+    run_summary.write_summary_csv(rows, out / "summary.csv")
+    run_summary.write_summary_md(rows, sets, out / "summary.md", CAPTION)
+    plot_logs.plot_run(next(run for run in runs if run.name == "aa_s2"), out / "aa_s2", smooth=0.02)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", keep_title)
+        drawn = plot_logs.plot_samples_side_by_side(
+            run_summary.by_config(runs), out / "compare_samples.png", "dcgan", CAPTION
+        )
+    return {"root": root, "out": out, "skipped": skipped, "drawn": drawn, "titles": titles}
+
+
+def test_a_nan_seed_is_named_instead_of_dropped_silently(with_divergence):
+    assert with_divergence["skipped"] == []
+    rows = {(row["scope"], row["name"]): row for row in summary_rows(with_divergence["out"])}
+    adam = rows[("configuration", "adam_adam")]
+    assert adam["seeds"] == "0,1,2" and adam["kid_final_nan_seeds"] == "1"
+    assert float(adam["kid_final"]) == pytest.approx((3 + 8) / 2)  # seeds 0 and 2
+    assert adam["fid_final_nan_seeds"] == "2"  # the diverged seed logged KID only
+    text = (with_divergence["out"] / "summary.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| **adam_adam** |") and "[" in line)
+    assert "5.50 [-26.3, 37.3] (seed 1 NaN)" in row
+
+
+def test_diverged_runs_are_counted_and_still_drawn(with_divergence):
+    out = with_divergence["out"]
+    rows = {(row["scope"], row["name"]): row for row in summary_rows(out)}
+    assert rows[("configuration", "adam_adam")]["diverged"] == "1/3"
+    assert rows[("configuration", "casmo_adam")]["diverged"] == "1/1"
+    assert (rows[("run", "aa_s2")]["diverged"], rows[("run", "aa_s0")]["diverged"]) == ("yes", "no")
+    assert float(rows[("run", "aa_s2")]["last_step"]) == 140
+    text = (out / "summary.md").read_text()
+    assert text.count("| **adam_adam** | 0,1,2 | 1/3 |") == 3  # the diverged column of every table
+    for figure in [*PER_RUN_FIGURES, "quality_plot.png"]:
+        assert is_png(out / "aa_s2" / figure), figure
+    assert with_divergence["drawn"] and is_png(out / "compare_samples.png")
+
+
+def test_caption_heads_summary_and_compare_samples(with_divergence):
+    assert (with_divergence["out"] / "summary.md").read_text().startswith(f"{CAPTION}\n")
+    assert with_divergence["titles"]["compare_samples.png"].endswith(f"\n{CAPTION}")
+    assert plot_logs.parse_args(["runs", "--caption", CAPTION]).caption == CAPTION
+
+
+def test_a_diverged_seed_ends_in_a_cross_and_does_not_cut_the_mean(with_divergence):
+    root = with_divergence["root"]
+    groups = run_summary.by_config(
+        [run_summary.load_run(root / name) for name in ("aa_s0", "aa_s1", "aa_s2")]
+    )
+    fig, ax = plt.subplots()
+    assert plot_logs.draw_compare_panel(
+        ax, groups, plot_logs.Panel("D", "loss", (plot_logs.D_LOSS,)), tau=1.0
+    )
+    mean, line, cross = ax.lines[:3]
+    assert mean.get_xdata()[-1] == 390  # the seeds that did not diverge, to their end
+    assert line.get_xdata()[-1] == cross.get_xdata()[0] == 140  # seed 2's last logged step
+    assert cross.get_marker() == "x" and mean.get_label() == "adam_adam (2 seeds, 1 diverged)"
+    plt.close(fig)
+    assert (
+        plot_logs.final_kid_text(groups["adam_adam"]) == "final KID (1 seed): 3.00\n(seed 1 NaN; 1 diverged)"
+    )
