@@ -93,7 +93,8 @@ def sample_metrics(training: Training, generator: nn.Module, suffix: str = "") -
     with scoring_only(generator, session.ranks.device):
         for noise in session.eval_noise.split(EVAL_BATCH):
             with session.autocast():
-                images.append(sample_quality.from_tanh(generator(noise).float()))
+                # As floats: evaluate scores NaN output as NaN, where bytes would be black.
+                images.append(generator(noise).float().cpu())
     if session.reference is None:
         return {}
     metrics = sample_quality.evaluate(torch.cat(images), session.reference, session.feature_space)

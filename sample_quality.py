@@ -1,6 +1,7 @@
 """Sample quality measures GAN papers report, in one feature space per dataset.
 
-- KID (mean and std over subsets) and FID, by torchmetrics' estimators;
+- KID (Bińkowski et al. 2018; its mean and std over subsets of large sets) and FID (by
+  torchmetrics);
 - precision and recall (Kynkäänniemi et al. 2019) and density and coverage (Naeem et al.
   2020), all four from k-nearest-neighbour balls around the real features;
 - for the built-in shapes data, the modes a generator covers and the KL divergence of its
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,10 +47,11 @@ from gan_data import IMAGE_SIZE, RADIUS, shapes_with_factors
 KNN_K = 3
 EMBED_BATCH = 128
 # A generated sample counts towards a mode only when the classifier is this sure of it, and
-# a mode counts as covered with this many such samples (robust to a stray lucky sample).
+# a mode counts as covered with this share of the samples a uniform generator would give
+# it, at least 1 (5 of 1,000 samples over 36 classes: a stray lucky sample does not count).
 MODE_CONFIDENCE = 0.9
-MODE_MIN_SAMPLES = 5
-# torch-fidelity's defaults; the subset shrinks to the sample count when that is smaller.
+MODE_MIN_SHARE = 0.2
+# torch-fidelity's defaults; the subset shrinks to the smaller set when that is smaller.
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 MIN_SAMPLES = 10
@@ -349,16 +352,39 @@ def check_images(images: torch.Tensor, what: str) -> None:
 
 
 def from_tanh(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] to uint8 [0, 255], as saved images would hold it."""
+    """Generator output in [-1, 1] to uint8 [0, 255], as saved images would hold it. NaN and
+    infinity are refused: the cast would make them black, scored as an ordinary collapse."""
+    if not images.isfinite().all():
+        raise SampleQualityError(
+            "generator output holds NaN or infinite values; evaluate() scores such output as NaN"
+        )
     return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+# evaluate's measures; those of modes (with modes_total) only in a feature space with classes.
+MEASURES = ("kid", "kid_std", "fid", "precision", "recall", "density", "coverage")
+MODE_MEASURES = ("modes_covered", "mode_kl")
+
+
 def evaluate(generated: torch.Tensor, reference: Reference, space: FeatureSpace, seed: int = 0) -> dict:
-    """kid, kid_std, fid, precision, recall, density, coverage of uint8 images against the
-    reference, plus modes_covered, modes_total and mode_kl in a feature space with classes.
-    `seed` fixes KID's subsets without touching the caller's random state."""
+    """kid, kid_std, fid, precision, recall, density, coverage of generated images against
+    the reference, plus modes_covered, modes_total and mode_kl in a feature space with
+    classes. `generated` is uint8 images or generator output (floating point, in [-1, 1]);
+    output holding NaN or infinity (a diverged generator) scores NaN in every measure, with
+    a warning. `seed` fixes KID's subsets without touching the caller's random state."""
     if reference.feature_space != space.name:
         raise SampleQualityError(f"the reference was made in {reference.feature_space}, not in {space.name}")
+    if generated.is_floating_point():
+        broken = int((~generated.isfinite()).flatten(1).any(dim=1).sum())
+        if broken:
+            warnings.warn(
+                f"{broken} of {len(generated)} generated images hold NaN or infinite values (a diverged "
+                "generator?); every sample measure is NaN",
+                stacklevel=2,
+            )
+            return unscored(reference)
+        check_generator_range(generated)
+        generated = from_tanh(generated)
     check_images(generated, "generated images")
     features, logits = embed(space.model, generated)
     metrics = frechet_and_kernel_distances(reference.features, features, seed)
@@ -368,9 +394,26 @@ def evaluate(generated: torch.Tensor, reference: Reference, space: FeatureSpace,
     return metrics
 
 
+def check_generator_range(output: torch.Tensor) -> None:
+    # A little slack for output computed in half precision.
+    if output.numel() and output.abs().max() > 1.01:
+        raise SampleQualityError(
+            f"floating-point images must be generator output in [-1, 1], got values up to "
+            f"{output.abs().max():.4g}; pass images in [0, 255] as uint8"
+        )
+
+
+def unscored(reference: Reference) -> dict:
+    """evaluate's dict for images it cannot score: every measure NaN."""
+    scores = dict.fromkeys(MEASURES, math.nan)
+    if reference.class_counts is not None:
+        scores.update(dict.fromkeys(MODE_MEASURES, math.nan), modes_total=len(reference.class_counts))
+    return scores
+
+
 class PrecomputedFeatures(nn.Module):
-    """Lets torchmetrics' FID and KID take features instead of images, so both feature
-    spaces and the cached real features go through one code path."""
+    """Lets torchmetrics' FID take features instead of images, so both feature spaces and the
+    cached real features go through one code path."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
@@ -381,31 +424,52 @@ class PrecomputedFeatures(nn.Module):
 
 
 def frechet_and_kernel_distances(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
-    """FID, and KID's mean and std over KID_SUBSETS random subsets (std 0 when the subset
-    has to take every sample, below KID_SUBSET_SIZE samples)."""
+    """FID, and KID with its std over subsets (NaN when both sets fit in one subset)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
 
     # sync_on_compute=False: under torchrun only rank 0 evaluates, and torchmetrics would
     # otherwise wait in an all-gather for the other ranks.
     fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), sync_on_compute=False)
     fid.update(real, real=True)
     fid.update(fake, real=False)
-    subset_size = min(KID_SUBSET_SIZE, len(real), len(fake))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(
-            feature=PrecomputedFeatures(real.shape[1]),
-            subsets=KID_SUBSETS,
-            subset_size=subset_size,
-            sync_on_compute=False,
-        )
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {"kid": kid_mean.item(), "kid_std": kid_std.item(), "fid": fid.compute().item()}
+    kid, kid_std = kernel_inception_distance(real, fake, seed)
+    return {"kid": kid, "kid_std": kid_std, "fid": fid.compute().item()}
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """KID's mean and std over KID_SUBSETS random pairs of subsets (torch-fidelity's estimate),
+    drawn with `seed`; when both sets fit in one subset, the estimate on all samples and std
+    NaN. Every subset would then hold every sample: the subsets' estimates would be that one
+    estimate, reordered, their std float noise; one estimate gives the same KID at a
+    hundredth of the cost."""
+    if max(len(real), len(fake)) <= KID_SUBSET_SIZE:
+        return kernel_distance(real, fake), math.nan
+    size = min(KID_SUBSET_SIZE, len(real), len(fake))
+    draw = torch.Generator().manual_seed(seed)
+    estimates = torch.tensor(
+        [
+            kernel_distance(
+                real[torch.randperm(len(real), generator=draw)[:size]],
+                fake[torch.randperm(len(fake), generator=draw)[:size]],
+            )
+            for _ in range(KID_SUBSETS)
+        ]
+    )
+    return estimates.mean().item(), estimates.std(unbiased=False).item()
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Unbiased estimate of MMD² under KID's kernel (x·y / dimension + 1)³, in float64 (float32
+    sums of the kernel's large values lose KID's digits); the sets may differ in size."""
+    real, fake = real.double(), fake.double()
+    dimension = real.shape[1]
+
+    def mean_over_distinct_pairs(points: torch.Tensor) -> torch.Tensor:
+        kernel = (points @ points.T / dimension + 1) ** 3
+        return (kernel.sum() - kernel.diagonal().sum()) / (len(points) * (len(points) - 1))
+
+    across = ((real @ fake.T / dimension + 1) ** 3).mean()
+    return (mean_over_distinct_pairs(real) + mean_over_distinct_pairs(fake) - 2 * across).item()
 
 
 def row_chunks(rows: torch.Tensor, columns: torch.Tensor):
@@ -432,6 +496,10 @@ def knn_manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = KNN_K)
     real, fake = real.float(), fake.float()
     if min(len(real), len(fake)) <= k:
         raise SampleQualityError(f"k-NN measures with k={k} need more than {k} real and generated samples")
+    # Measured from the real set's mean: far from the origin, cdist's matrix-product shortcut
+    # loses the distances' digits; a shift changes no distance.
+    centre = real.mean(dim=0)
+    real, fake = real - centre, fake - centre
     real_radii, fake_radii = kth_neighbour_distance(real, k), kth_neighbour_distance(fake, k)
     balls_holding_fake = torch.zeros(len(fake))
     recalled = torch.zeros(len(real), dtype=torch.bool)
@@ -450,7 +518,7 @@ def knn_manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = KNN_K)
 
 
 def mode_metrics(logits: torch.Tensor, real_counts: torch.Tensor) -> dict:
-    """modes_covered: classes with at least MODE_MIN_SAMPLES confidently classified samples;
+    """modes_covered: classes with at least mode_min_samples() confidently classified samples;
     mode_kl: KL(generated class histogram || real one), in nats (0 when they match, log 36
     when all samples fall in one of 36 equally common classes)."""
     probabilities = logits.softmax(dim=1)
@@ -464,10 +532,17 @@ def mode_metrics(logits: torch.Tensor, real_counts: torch.Tensor) -> dict:
     held = generated > 0
     kl = (generated[held] * (generated[held] / real[held]).log()).sum()
     return {
-        "modes_covered": int((confident_counts >= MODE_MIN_SAMPLES).sum()),
+        "modes_covered": int((confident_counts >= mode_min_samples(len(logits), len(real_counts))).sum()),
         "modes_total": len(real_counts),
         "mode_kl": kl.item(),
     }
+
+
+def mode_min_samples(samples: int, classes: int) -> int:
+    """The confident samples a covered class needs: MODE_MIN_SHARE of a uniform generator's
+    count per class, at least 1. Scaled with the count so that a perfect generator covers
+    every class at few samples too (a fixed 5 missed many of 36 at 200 samples)."""
+    return max(1, int(MODE_MIN_SHARE * samples / classes))
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,5 +655,14 @@ def read_score_image(path: Path) -> torch.Tensor:
 
 def score_images(folder: str | Path, reference: Reference, space: FeatureSpace, seed: int = 0) -> dict:
     """evaluate() on the images of a folder (--score-images DIR); the caller prints the
-    dict as one JSON line."""
-    return evaluate(read_image_folder(folder), reference, space, seed)
+    dict as one JSON line. A warning on stderr when the folder holds another number of
+    images than the real set has: FID and KID depend on the counts."""
+    images = read_image_folder(folder)
+    real = len(reference.features)
+    if len(images) != real:
+        print(
+            f"warning: {folder} holds {len(images)} images, scored against {real} real ones; FID depends "
+            f"on the counts, so scores compare at equal counts only: pass --eval-samples {len(images)}",
+            file=sys.stderr,
+        )
+    return evaluate(images, reference, space, seed)
