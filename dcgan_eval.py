@@ -1,6 +1,7 @@
 """The DCGAN's evaluations during training (train_dcgan.py): the sample grids, the diversity
 ratio with its mode-collapse warning, and quality.csv's rows, for G and for its moving average
-(--g-ema). The measures themselves are sample_quality's."""
+(--g-ema or --g-ema-kimg). The measures themselves are sample_quality's. None of them looks
+at a state that is not finite (dcgan_run.check_finite)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 from torchvision.utils import save_image
 
 import sample_quality
-from dcgan_run import Training
+from dcgan_run import Training, check_finite
 from run_log import SAMPLE_MEASURES
 from run_summary import COLLAPSE_RATIO
 
@@ -42,8 +43,9 @@ def scoring_only(module: nn.Module, device: torch.device):
 
 @torch.no_grad()
 def write_grid(training: Training, name: str) -> None:
-    """samples/<name> (and samples/ema/<name> with --g-ema): G's images of the fixed grid
-    noise; while the logs are open, also TensorBoard images at the current step."""
+    """samples/<name> (and samples/ema/<name> with G's moving average): G's images of the
+    fixed grid noise; while the logs are open, also TensorBoard images at the current step."""
+    check_finite(training)
     session, nets = training.session, training.nets
     samples, step = session.run_dir / "samples", training.counters.step
     # Train-mode BatchNorm, as in the PyTorch example: early running statistics lag far
@@ -103,7 +105,8 @@ def sample_metrics(training: Training, generator: nn.Module, suffix: str = "") -
 
 def measure_quality(training: Training) -> None:
     """quality.csv's row: the means over the steps since the last row, the diversity ratio
-    and the sample-quality measures, of G and of its moving average (--g-ema)."""
+    and the sample-quality measures, of G and of its moving average."""
+    check_finite(training)
     session, nets, counters = training.session, training.nets, training.counters
     start = time.perf_counter()
     row = {"epoch": counters.epoch, "step": counters.step, **training.sums.means(session.ranks)}

@@ -1,8 +1,9 @@
 """A DCGAN run's state (train_dcgan.py): what stays fixed through a session (Session: the
 arguments, the processes, the images on the device and the fixed inputs of every grid and
 evaluation), the networks with their optimizers (Nets), what a checkpoint carries besides
-them (Counters, IntervalSums), the logs, and starting, resuming and saving a run.
-Training bundles them: the loop's functions take that one object."""
+them (Counters, IntervalSums), the logs, and starting, resuming and saving a run, and
+checking that its state is finite (check_finite). Training bundles them: the loop's
+functions take that one object."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ DIVERSITY_SAMPLES = 256
 TRAJECTORY_ARGS = (
     "dataset", "subset", "bs", "g_opt", "d_opt", "lr_g", "lr_d", "beta1", "beta2", "robustness", "c_min",
     "rel_floor", "amp", "seed", "label_smooth", "real_label_range", "fake_label_range", "instance_noise",
-    "d_every", "d_dropout", "g_ema",
+    "d_every", "d_dropout", "g_ema", "g_ema_kimg", "g_ema_rampup",
 )  # fmt: skip
+G_EMA_RAMPUP = 0.05  # --g-ema-rampup's default, StyleGAN2-ADA's ema_rampup
+# What a checkpoint written before these arguments existed did: it matches a run that leaves
+# them at these values.
+ADDED_TRAJECTORY_ARGS = {"g_ema_kimg": None, "g_ema_rampup": G_EMA_RAMPUP}
 
 
 @dataclass
@@ -71,7 +76,7 @@ class Session:
 @dataclass
 class Nets(gan_common.Nets):
     scaler: torch.amp.GradScaler | None = None
-    g_ema: torch.optim.swa_utils.AveragedModel | None = None  # with --g-ema
+    g_ema: torch.optim.swa_utils.AveragedModel | None = None  # with --g-ema or --g-ema-kimg
     NAMES = (*gan_common.Nets.NAMES, "scaler", "g_ema")
     # Training runs through DDP's wrappers under torchrun; checkpoints and grids use the
     # modules inside (no "module." prefix).
@@ -170,12 +175,15 @@ class Logs:
 @dataclass
 class Training:
     """What one training session works on, passed as one: the session's fixed inputs, the
-    networks, the counters and sums a checkpoint carries, and the logs."""
+    networks, the counters and sums a checkpoint carries, the watch on the losses, the
+    run's status.json and the logs."""
 
     session: Session
     nets: Nets
     counters: Counters
     sums: IntervalSums
+    watch: gan_common.DivergenceWatch
+    status: run_log.RunStatus
     logs: Logs | None = None
 
 
@@ -236,9 +244,11 @@ def resume(training: Training) -> None:
     session, counters = training.session, training.counters
     path = session.run_dir / "checkpoint.pt"
     checkpoint = gan_common.load_checkpoint(path)
-    if checkpoint.get("kind") != "dcgan" or checkpoint.get("trajectory_args") != trajectory(session.args):
+    recorded = {**ADDED_TRAJECTORY_ARGS, **(checkpoint.get("trajectory_args") or {})}
+    if checkpoint.get("kind") != "dcgan" or recorded != trajectory(session.args):
         raise RunError(f"{path} is not a checkpoint of the run in {session.run_dir / 'config.json'}")
     training.nets.load_state_dicts(checkpoint, path)
+    training.status.checkpoint_step = checkpoint["step"]
     counters.step, counters.epoch = checkpoint["step"], checkpoint["epoch"]
     counters.batch_in_epoch, counters.d_figures = checkpoint["batch_in_epoch"], checkpoint["d_figures"]
     session.data_order.set_state(checkpoint["data_order_state"])
@@ -268,7 +278,10 @@ def resume(training: Training) -> None:
 
 def start_or_resume(session: Session, nets: Nets) -> Training:
     """A new run's state, or the checkpoint's with --resume; the step this session stops at."""
-    training = Training(session, nets, Counters(), IntervalSums.zeros(session.ranks.device))
+    ranks = session.ranks
+    watch = gan_common.DivergenceWatch(("loss_d", "loss_g"), ranks.device)
+    status = run_log.RunStatus(session.run_dir, None, ranks.is_main)
+    training = Training(session, nets, Counters(), IntervalSums.zeros(ranks.device), watch, status)
     if session.args.resume is not None:
         resume(training)
     counters, args = training.counters, session.args
@@ -296,8 +309,18 @@ def open_logs(session: Session, step: int) -> Logs:
     return Logs(writer, time.perf_counter(), step)
 
 
+def check_finite(training: Training) -> None:
+    """Raises gan_common.Diverged, on every rank alike, once a loss or G's or D's parameters
+    or buffers were not finite: called before the state is logged, drawn, evaluated or saved."""
+    nets = training.nets
+    networks = {"generator": nets.generator, "discriminator": nets.discriminator}
+    training.watch.check(training.counters.step, networks, training.session.ranks.gather)
+
+
 def save(training: Training) -> None:
-    """Every rank takes part (the sums and the RNG states are gathered); rank 0 writes."""
+    """Every rank takes part (the sums and the RNG states are gathered); rank 0 writes, and
+    only a finite state."""
+    check_finite(training)
     session, counters = training.session, training.counters
     sums_over_ranks = session.ranks.sum(training.sums.values).cpu()
     rng_by_rank = session.ranks.gather(gan_common.rng_state())
@@ -319,4 +342,5 @@ def save(training: Training) -> None:
         "interval_sums": sums_over_ranks,
         "d_figures": counters.d_figures,
     }
-    gan_common.save_checkpoint(session.run_dir / "checkpoint.pt", payload)
+    gan_common.save_checkpoint(session.run_dir / "checkpoint.pt", payload, finite=training.nets.NAMES)
+    training.status.saved(counters.step)

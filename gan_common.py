@@ -476,8 +476,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Writes a temporary file and renames it: a crash mid-save keeps the old checkpoint."""
+def save_checkpoint(path: Path, payload: dict, finite: tuple[str, ...] = ()) -> None:
+    """Writes a temporary file and renames it: a crash mid-save keeps the old checkpoint.
+    The entries named in `finite` (a run's networks and optimizers) must hold only finite
+    values: otherwise nothing is written and Diverged is raised at the payload's step, so
+    that the checkpoint a run leaves is always one of a finite state."""
+    for name in finite:
+        if not all_finite(state_tensors(payload[name])):
+            raise Diverged(payload["step"], f"{name} state is not finite")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     torch.save(payload, tmp)
@@ -531,9 +537,103 @@ class StopSignal:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def exit_stopped(signum: int, step: int, resume_command: str) -> None:
-    print(f"stopped at step {step}; continue with: {resume_command}")
-    sys.exit(128 + signum)
+# ---------------------------------------------------------------------------------------
+# Divergence: a loss or a weight that is no longer finite ends the run
+
+
+class Diverged(Exception):
+    """The run's state stopped being finite at `step` (as log.csv numbers steps), for
+    `cause` ("loss_d is nan", "generator parameters are not finite"). The scripts end the
+    run on it: no checkpoint, grid or evaluation of that state, and exit code
+    run_log.EXIT_DIVERGED."""
+
+    def __init__(self, step: int, cause: str):
+        super().__init__(step, cause)  # as args: the exception pickles (gathered over ranks)
+        self.step, self.cause = step, cause
+
+    def __str__(self) -> str:
+        return f"diverged at step {self.step}: {self.cause}"
+
+
+def state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a state dict, however nested in dicts, lists and tuples."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return [tensor for part in state for tensor in state_tensors(part)]
+    return []
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """Whether every value of the floating-point tensors among `tensors` is finite, as a bool
+    tensor: a tensor's largest magnitude (one fused kernel for all of them) is finite exactly
+    when all its values are. On the tensors' device, without waiting for it, when they share
+    one; else on the CPU, after a wait for each device."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            groups.setdefault(tensor.device, []).append(tensor.detach())
+    flags = [
+        torch.stack(torch._foreach_norm(group, ord=math.inf)).isfinite().all() for group in groups.values()
+    ]
+    if len(flags) == 1:
+        return flags[0]
+    return torch.tensor(all(bool(flag) for flag in flags))
+
+
+class DivergenceWatch:
+    """The first step at which each watched loss was not finite, and its value, kept on the
+    device: observe() at every step adds a few tiny kernels and never waits for the device;
+    check() reads them (one host sync) together with whether the networks' parameters and
+    buffers (BatchNorm's running statistics) are finite, wherever the run is about to use
+    its state (a log row, a grid, an evaluation, a checkpoint)."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.first_step = torch.full((len(names),), -1, dtype=torch.int64, device=device)  # -1: none yet
+        self.first_value = torch.zeros(len(names), device=device)
+        self.checked_step = -1  # the latest step check() found finite
+
+    def observe(self, step: int, **losses: torch.Tensor | None) -> None:
+        """Notes the losses of `step`; a watched loss this step did not compute is None."""
+        zero = self.first_value.new_zeros(())
+        values = torch.stack(
+            [zero if losses.get(name) is None else losses[name].detach().float() for name in self.names]
+        )
+        new = ~values.isfinite() & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_value = torch.where(new, values, self.first_value)
+
+    def check(self, step: int, networks: dict[str, torch.nn.Module], gather=None) -> None:
+        """Raises Diverged at the earliest non-finite value so far: a loss at its step, or
+        the parameters or buffers of one of `networks` at `step`. `gather` (Ranks.gather
+        under torchrun) collects every process's finding, so that all of them stop alike."""
+        if step == self.checked_step:  # nothing has changed since
+            return
+        device = self.first_value.device
+        parts = {
+            f"{name} {kind}": tensors
+            for name, network in networks.items()
+            for kind, tensors in (("parameters", network.parameters()), ("buffers", network.buffers()))
+        }
+        finite = torch.stack([all_finite(tensors).to(device) for tensors in parts.values()])
+        values = torch.cat([self.first_step.double(), self.first_value.double(), finite.double()]).tolist()
+        count = len(self.names)
+        steps, losses, flags = values[:count], values[count : 2 * count], values[2 * count :]
+        found = [
+            Diverged(int(first), f"{name} is {loss}")
+            for name, first, loss in zip(self.names, steps, losses)
+            if first >= 0
+        ]
+        found += [Diverged(step, f"{part} are not finite") for part, ok in zip(parts, flags) if not ok]
+        earliest = min(found, key=lambda diverged: diverged.step, default=None)
+        everyone = [earliest] if gather is None else gather(earliest)
+        earliest = min((one for one in everyone if one is not None), key=lambda one: one.step, default=None)
+        if earliest is not None:
+            raise earliest
+        self.checked_step = step
 
 
 # ---------------------------------------------------------------------------------------

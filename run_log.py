@@ -1,21 +1,24 @@
 """What a training run logs: the columns of log.csv and quality.csv of both scripts, defined
 once here for the scripts and for plot_logs.py, and RunLog, the one writer the scripts log
 through: the CSV files always and, with --tensorboard, the same rows as TensorBoard scalars
-and the sample pictures as images, in RUN/tensorboard/."""
+and the sample pictures as images, in RUN/tensorboard/; and status.json, how the run stands
+(RunStatus writes it, read_status reads it)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image
 
-from gan_common import CSVLog, RunError
+from gan_common import CSVLog, Diverged, RunError, atomic_write_text
 
 # RUN/status.json: how a run stands, {"status", "step", "cause", "checkpoint_step"}, written by
-# the training scripts and read by benchmark.py and plot_logs.py.
+# the training scripts (RunStatus) and read by benchmark.py and plot_logs.py (read_status).
 STATUS_FILE = "status.json"
 STATUSES = ("running", "finished", "stopped", "diverged")
 EXIT_DIVERGED = 3  # a training script's exit code when a loss or a weight turned non-finite
@@ -32,9 +35,63 @@ def read_status(run_dir: Path) -> dict | None:
         raise RunError(
             f"{path} is unreadable ({error}); delete it to treat the run as one without status"
         ) from None
-    if status.get("status") not in STATUSES:
-        raise RunError(f"{path}: status {status.get('status')!r} is none of {', '.join(STATUSES)}")
+    if not isinstance(status, dict) or status.get("status") not in STATUSES:
+        found = status.get("status") if isinstance(status, dict) else status
+        raise RunError(f"{path}: status {found!r} is none of {', '.join(STATUSES)}")
     return status
+
+
+def check_resumable(run_dir: Path) -> None:
+    """A RunError for a run that diverged: resumed, it would diverge again at the same step."""
+    status = read_status(run_dir)
+    if status is not None and status["status"] == "diverged":
+        where = Path(run_dir) / STATUS_FILE
+        raise RunError(
+            f"{where}: the run diverged at step {status['step']} ({status['cause']}); resumed, it would "
+            "diverge again at the same step (the run is deterministic): start a new run with other settings, "
+            "e.g. a lower learning rate"
+        )
+
+
+class RunStatus:
+    """Writes RUN/status.json (atomically), for read_status: "running" when a session starts
+    and at each checkpoint, then "finished" (it reached --epochs or --max-steps), "stopped"
+    (a signal; resumable) or "diverged" (see gan_common.Diverged). "step" is the step the
+    run had reached, or for "diverged" the first step whose loss or weights were not finite;
+    "cause" is null but for "diverged"; "checkpoint_step" is the step of checkpoint.pt, null
+    before the first. "running" with no process at work means the run crashed or was killed.
+    Under torchrun only rank 0 (`main`) writes and prints."""
+
+    def __init__(self, run_dir: Path, checkpoint_step: int | None, main: bool = True):
+        self.run_dir, self.checkpoint_step, self.main = Path(run_dir), checkpoint_step, main
+
+    def write(self, status: str, step: int, cause: str | None = None) -> None:
+        if self.main:
+            record = {"status": status, "step": step, "cause": cause, "checkpoint_step": self.checkpoint_step}
+            atomic_write_text(self.run_dir / STATUS_FILE, json.dumps(record, indent=2) + "\n")
+
+    def saved(self, step: int) -> None:
+        """After checkpoint.pt was written at `step`."""
+        self.checkpoint_step = step
+        self.write("running", step)
+
+    def exit_stopped(self, signum: int, step: int, resume_command: str) -> NoReturn:
+        """Ends a run a signal stopped (after its checkpoint): exit code 128 + the signal."""
+        self.write("stopped", step)
+        if self.main:
+            print(f"stopped at step {step}; continue with: {resume_command}")
+        sys.exit(128 + signum)
+
+    def exit_diverged(self, diverged: Diverged) -> NoReturn:
+        """Ends a run that diverged, in one line: exit code EXIT_DIVERGED."""
+        self.write("diverged", diverged.step, diverged.cause)
+        if self.checkpoint_step is None:
+            last = "no checkpoint was written before it"
+        else:
+            last = f"last good checkpoint: step {self.checkpoint_step} in {self.run_dir / 'checkpoint.pt'}"
+        if self.main:
+            print(f"{diverged}; {last}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 # Columns every GAN log has, in this order; each script appends its own after these.

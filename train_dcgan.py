@@ -8,9 +8,27 @@ over all 200 classes, batch 16, lr 2e-4, betas (0.5, 0.999), real label 0.9, 50 
     torchrun --nproc_per_node 4 train_dcgan.py --g-opt casmo --d-opt casmo   # 4 GPUs, DDP
 
 A run folder holds config.json, log.csv (every --log-every steps), quality.csv (one row
-per epoch), samples/*.png (8x8 grids of one fixed noise batch) and checkpoint.pt; a run
-under torchrun also writes replicas.json (whether all processes ended with the same weights),
-and one with --tensorboard tensorboard/ (the rows of both CSV files and the grids).
+per epoch), samples/*.png (8x8 grids of one fixed noise batch), checkpoint.pt and
+status.json (running, finished, stopped or diverged; see run_log.RunStatus); a run under
+torchrun also writes replicas.json (whether all processes ended with the same weights), and
+one with --tensorboard tensorboard/ (the rows of both CSV files and the grids).
+
+G's moving average, evaluated beside G (quality.csv's *_ema columns, samples/ema/): either
+--g-ema DECAY, a fixed decay per step, or --g-ema-kimg K, StyleGAN2-ADA's: a half-life of K
+thousand images, capped by --g-ema-rampup R (default 0.05; 0: no cap) at R times the images
+seen, so that it follows G closely early on.
+
+Divergence: once D's or G's loss, or G's or D's weights, stop being finite, the run ends:
+no grid, evaluation or checkpoint of that state (checkpoint.pt stays the last finite one),
+status.json says "diverged" with the first such step and its cause, and the exit code is 3.
+It is checked at each log row, grid, evaluation and checkpoint (the losses of every step are
+noted on the device, without waiting for it). Under --amp fp16 the gradients that overflow
+and the loss scaler skips are not divergence (gradients are not watched); the losses are
+computed in fp32 from fp16 logits, so one that is not finite means the forward pass itself
+overflowed, which the scaler cannot cure: divergence. Such a run cannot be resumed.
+
+Exit codes: 0 done, 1 an error (one line on stderr), 3 diverged, 128 + N stopped by signal
+N (resume it with --resume).
 """
 
 from __future__ import annotations
@@ -18,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,18 +54,20 @@ import sample_quality
 import speed_settings
 from dcgan_eval import STABILISER_HINT, measure_diversity, measure_quality, scoring_only, write_grid
 from dcgan_run import (
+    G_EMA_RAMPUP,
     NZ,
     Nets,
     Session,
     StepResult,
     Training,
+    check_finite,
     open_logs,
     prepare_session,
     quality_reference,
     save,
     start_or_resume,
 )
-from gan_common import RunError, positive_int
+from gan_common import RunError, positive_float, positive_int
 from gan_data import DATASETS, DataError, load_images, to_unit
 from sample_quality import SampleQualityError
 
@@ -158,8 +179,28 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
         help="a local copy of torch-fidelity's Inception weights",
     )
     evaluation.add_argument("--no-fid", action="store_true", help="skip KID/FID/precision/recall/modes")
+    average = evaluation.add_mutually_exclusive_group()
+    average.add_argument(
+        "--g-ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="also keep and evaluate G's moving average, with a fixed decay per step",
+    )
+    average.add_argument(
+        "--g-ema-kimg",
+        type=positive_float,
+        default=None,
+        metavar="K",
+        help="also keep and evaluate G's moving average, with a half-life of K thousand images "
+        "(StyleGAN2-ADA's ema_kimg)",
+    )
     evaluation.add_argument(
-        "--g-ema", type=float, default=None, metavar="DECAY", help="also keep and evaluate G's moving average"
+        "--g-ema-rampup",
+        type=gan_common.float_in(0, math.inf, open_high=True),
+        default=G_EMA_RAMPUP,
+        metavar="R",
+        help="with --g-ema-kimg: cap the half-life at R times the images seen so far (0: no cap)",
     )
     evaluation.add_argument(
         "--score-images",
@@ -176,6 +217,8 @@ def check_args(args: argparse.Namespace, device: torch.device) -> None:
         raise RunError(f"--d-dropout must lie in [0, 1), got {args.d_dropout}")
     if args.g_ema is not None and not 0.0 < args.g_ema < 1.0:
         raise RunError(f"--g-ema is a decay in (0, 1), e.g. 0.999; got {args.g_ema}")
+    if args.g_ema_kimg is None and args.g_ema_rampup != G_EMA_RAMPUP:
+        raise RunError("--g-ema-rampup acts only on --g-ema-kimg's average; pass --g-ema-kimg K too")
     if args.instance_noise < 0:
         raise RunError(f"--instance-noise must be >= 0, got {args.instance_noise}")
     if not args.no_fid and args.subset < sample_quality.MIN_SAMPLES:
@@ -247,6 +290,34 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class RampedAverage(torch.optim.swa_utils.AveragedModel):
+    """--g-ema-kimg: G's moving average as StyleGAN2-ADA keeps it. Each step it keeps beta =
+    0.5 ** (global batch / half-life) of itself and takes the rest from G; the half-life is
+    K thousand images, with --g-ema-rampup R capped at R times the images seen before the
+    step, so that the first step copies G and the average then follows it closely while it
+    changes fast. It starts at G's initial weights and takes G's buffers as they are. An
+    AveragedModel (checkpointed and evaluated as --g-ema's) that counts its steps in
+    n_averaged, a CPU tensor: beta needs no wait for the device."""
+
+    def __init__(self, generator: nn.Module, kimg: float, rampup: float, global_batch: int):
+        super().__init__(generator, use_buffers=False)
+        self.kimg, self.rampup, self.global_batch = kimg, rampup, global_batch
+
+    def beta(self, images_seen: int) -> float:
+        half_life = self.kimg * 1000
+        if self.rampup > 0:
+            half_life = min(half_life, images_seen * self.rampup)
+        return 0.5 ** (self.global_batch / max(half_life, 1e-8))
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        weight = 1 - self.beta(int(self.n_averaged) * self.global_batch)
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], weight)
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.n_averaged += 1
+
+
 def build_nets(args: argparse.Namespace, ranks: gan_ddp.Ranks) -> Nets:
     generator = Generator().to(ranks.device)
     discriminator = Discriminator(dropout=args.d_dropout).to(ranks.device)
@@ -270,6 +341,8 @@ def build_nets(args: argparse.Namespace, ranks: gan_ddp.Ranks) -> Nets:
     if args.g_ema is not None:
         ema = torch.optim.swa_utils.get_ema_multi_avg_fn(args.g_ema)
         nets.g_ema = torch.optim.swa_utils.AveragedModel(generator, multi_avg_fn=ema, use_buffers=True)
+    elif args.g_ema_kimg is not None:
+        nets.g_ema = RampedAverage(generator, args.g_ema_kimg, args.g_ema_rampup, args.bs * ranks.world_size)
     if args.amp != "fp16":  # under fp16 the scaler's skipped steps leave infinite gradients
         nets.noise_g = gan_common.GradientNoise(generator.parameters())
         nets.noise_d = gan_common.GradientNoise(discriminator.parameters())
@@ -365,6 +438,7 @@ def train_step(training: Training, real: torch.Tensor, logged: bool) -> StepResu
 def log_step(training: Training, result: StepResult, bar: tqdm) -> None:
     """A log.csv row: means over ranks; D's optimizer figures and gradient norm are those of
     its latest update."""
+    check_finite(training)
     nets, counters, logs = training.nets, training.counters, training.logs
     ranks, now = training.session.ranks, time.perf_counter()
     agar_g, conf_g = gan_common.optimizer_metrics(nets.opt_g)
@@ -423,18 +497,29 @@ def after_step(training: Training) -> None:
 
 
 def train_epochs(training: Training, stop: gan_common.StopSignal) -> None:
-    """Steps until --epochs, --max-steps or a signal; an epoch's end writes its row, grid
-    and checkpoint."""
+    """Steps until --epochs, --max-steps, a signal or divergence; the logs are closed
+    however it ends."""
     session, counters = training.session, training.counters
-    args, ranks = session.args, session.ranks
     training.logs = open_logs(session, counters.step)
     bar = tqdm(
         total=counters.total_steps,
         initial=counters.step,
         unit="step",
         dynamic_ncols=True,
-        disable=not ranks.is_main,
+        disable=not session.ranks.is_main,
     )
+    try:
+        run_epochs(training, stop, bar)
+    finally:
+        bar.close()
+        training.logs.close()
+        training.logs = None
+
+
+def run_epochs(training: Training, stop: gan_common.StopSignal, bar: tqdm) -> None:
+    """train_epochs' loop: an epoch's end writes its row, grid and checkpoint."""
+    session, counters = training.session, training.counters
+    args, ranks = session.args, session.ranks
     while counters.step < counters.total_steps and not ranks.agreed_stop(stop.signum):
         counters.epoch_order_state = session.data_order.get_state()
         # Every rank draws the same shuffle and takes its own --bs images of each global batch.
@@ -449,6 +534,7 @@ def train_epochs(training: Training, stop: gan_common.StopSignal) -> None:
             training.sums.add(result)
             counters.step += 1
             counters.batch_in_epoch += 1
+            training.watch.observe(counters.step, loss_d=result.loss_d, loss_g=result.loss_g)
             bar.update()
             if logged:
                 log_step(training, result, bar)
@@ -461,9 +547,6 @@ def train_epochs(training: Training, stop: gan_common.StopSignal) -> None:
     finished = counters.step == counters.total_steps and not ranks.agreed_stop(stop.signum)
     if finished and training.logs.last_row_step != counters.step:
         measure_quality(training)  # the run's final state always gets a row
-    bar.close()
-    training.logs.close()
-    training.logs = None
 
 
 def write_config(session: Session) -> None:
@@ -489,6 +572,8 @@ def train(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = False  # its kernel choice varies from run to run
     gan_common.seed_everything(args.seed)
     run_dir = Path(args.out or f"runs/dcgan-{args.dataset}-{args.g_opt}_{args.d_opt}-s{args.seed}")
+    if args.resume is not None:
+        run_log.check_resumable(run_dir)
     gan_common.check_run_folder(run_dir, resuming=args.resume is not None)
     session = prepare_session(args, ranks, run_dir)
     session.speed_settings = speed
@@ -502,27 +587,40 @@ def train(args: argparse.Namespace) -> None:
         return
     nets.g_net = gan_ddp.data_parallel(nets.generator, ranks)
     nets.d_net = gan_ddp.data_parallel(nets.discriminator, ranks)
+    training.status.write("running", counters.step)
     first_step, start_time = counters.step, time.perf_counter()
     stop = gan_common.StopSignal(announce=ranks.is_main)
-    train_epochs(training, stop)
-    steps_per_sec = (counters.step - first_step) / (time.perf_counter() - start_time)
-    stop.restore()
+    try:
+        train_epochs(training, stop)
+        steps_per_sec = (counters.step - first_step) / (time.perf_counter() - start_time)
+        stop.restore()
+        end_session(training, stop.signum, steps_per_sec)
+    except gan_common.Diverged as diverged:
+        stop.restore()
+        training.status.exit_diverged(diverged)
+
+
+def end_session(training: Training, signum: int, steps_per_sec: float) -> None:
+    """The checkpoint of a mid-epoch stop, the final grid, the replica check, and how the
+    session ended: status.json and a line (a signal's exit code)."""
+    session, counters, nets = training.session, training.counters, training.nets
+    ranks, run_dir = session.ranks, session.run_dir
     if counters.batch_in_epoch > 0:  # mid-epoch stop: the epoch-end save did not cover it
         save(training)
     # After the checkpoint: this forward pass updates G's BatchNorm running statistics.
     write_grid(training, "final.png")
     if ranks.distributed:
         gan_ddp.check_replicas([nets.generator, nets.discriminator], run_dir, ranks)
-    stopped_by = ranks.agreed_stop(stop.signum)
+    stopped_by = ranks.agreed_stop(signum)
     if stopped_by:
         launcher = f"torchrun --nproc_per_node {ranks.world_size}" if ranks.distributed else "python"
-        if not ranks.is_main:
-            sys.exit(128 + stopped_by)
-        gan_common.exit_stopped(stopped_by, counters.step, f"{launcher} {SCRIPT} --resume {run_dir}")
+        training.status.exit_stopped(stopped_by, counters.step, f"{launcher} {SCRIPT} --resume {run_dir}")
+    training.status.write("finished", counters.step)
     if ranks.is_main:
         print(
             f"done: {counters.step} steps ({steps_per_sec:.2f} steps/s this session). Outputs in {run_dir}/: "
-            "config.json, log.csv, quality.csv, checkpoint.pt, samples/ (final grid: samples/final.png)"
+            "config.json, log.csv, quality.csv, checkpoint.pt, status.json, samples/ (final grid: "
+            "samples/final.png)"
         )
 
 

@@ -9,7 +9,8 @@ The defaults reproduce the course report's toy GAN:
 
 A run folder holds config.json, log.csv (one row per --log-every generator steps),
 quality.csv (one row per evaluation), samples/epoch_XXX.png, real/generated/overlay.png,
-real.csv, generated.csv and checkpoint.pt; with --tensorboard also tensorboard/.
+real.csv, generated.csv, checkpoint.pt and status.json (running, finished, stopped or
+diverged; see run_log.RunStatus); with --tensorboard also tensorboard/.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from gan_data import SemicircleDataset, sample_semicircles
 from sample_quality import point_quality
 
 SCRIPT = "train_toy2d.py"
+EXIT_CODES = """exit codes: 0 done; 1 an error (one line on stderr); 3 diverged: D's or G's loss,
+or their weights, stopped being finite (checked at each log row, evaluation and checkpoint),
+and the run ended without evaluating or saving that state: checkpoint.pt stays the last
+finite one, status.json names the first such step and its cause, and the run cannot be
+resumed; 128 + N stopped by signal N (resume it with --resume)."""
 NOISE_DIM = 100
 EVAL_POINTS = 2000
 # The real sample and the noise every evaluation uses come from this seed, not --seed,
@@ -56,7 +62,12 @@ def target_probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("--epochs", type=positive_int, default=200)
     parser.add_argument("--bs", type=positive_int, default=128, help="batch size")
     parser.add_argument("--points", type=positive_int, default=10_000, help="size of the training set")
@@ -157,7 +168,8 @@ def save_points(path: Path, points: torch.Tensor) -> None:
 
 @dataclass
 class Session:
-    """What stays fixed through a session: arguments, device, data, evaluation inputs."""
+    """What stays fixed through a session: arguments, device, data, evaluation inputs, the
+    watch on the losses and the run's status.json."""
 
     args: argparse.Namespace
     device: torch.device
@@ -166,6 +178,8 @@ class Session:
     loader_rng: torch.Generator  # the loader's shuffle; checkpointed, so a resumed run sees the same batches
     real_eval: torch.Tensor
     eval_noise: torch.Tensor
+    watch: gan_common.DivergenceWatch
+    status: run_log.RunStatus
 
 
 @dataclass
@@ -188,7 +202,9 @@ def prepare_session(args: argparse.Namespace) -> Session:
     eval_rng = torch.Generator().manual_seed(EVAL_SEED)
     real_eval = sample_semicircles(EVAL_POINTS, eval_rng)
     eval_noise = torch.randn(EVAL_POINTS, NOISE_DIM, generator=eval_rng).to(device)
-    return Session(args, device, Path(args.out), loader, loader_rng, real_eval, eval_noise)
+    watch = gan_common.DivergenceWatch(("loss_d", "loss_g"), device)
+    status = run_log.RunStatus(Path(args.out), checkpoint_step=None)
+    return Session(args, device, Path(args.out), loader, loader_rng, real_eval, eval_noise, watch, status)
 
 
 def build_nets(session: Session) -> gan_common.Nets:
@@ -211,6 +227,7 @@ def start_or_resume(session: Session, nets: gan_common.Nets) -> Counters:
         session.loader_rng.set_state(checkpoint["loader_rng"])
         counters = Counters(checkpoint["epoch"], checkpoint["batch"], checkpoint["step"])
         counters.grad_norm_d, counters.d_metrics = checkpoint["grad_norm_d"], checkpoint["d_metrics"]
+        session.status.checkpoint_step = counters.step
         if counters.epoch >= session.args.epochs:
             raise RunError(
                 f"{session.run_dir} has trained {counters.epoch} epochs already; pass a larger --epochs"
@@ -229,14 +246,22 @@ def save(
     loader_state,
 ) -> None:
     """Checkpoints the run at the current step: `epochs_done` epochs and `batches_done`
-    batches of the next, whose shuffle `loader_state` draws."""
+    batches of the next, whose shuffle `loader_state` draws; only a finite state."""
+    check_finite(session, nets, counters.step)
     d_metrics = gan_common.optimizer_metrics(nets.opt_d) if counters.d_metrics is None else counters.d_metrics
     payload = nets.state_dicts()
     payload.update(rng=gan_common.rng_state(), loader_rng=loader_state, step=counters.step)
     payload.update(
         epoch=epochs_done, batch=batches_done, grad_norm_d=counters.grad_norm_d, d_metrics=d_metrics
     )
-    gan_common.save_checkpoint(session.run_dir / "checkpoint.pt", payload)
+    gan_common.save_checkpoint(session.run_dir / "checkpoint.pt", payload, finite=nets.NAMES)
+    session.status.saved(counters.step)
+
+
+def check_finite(session: Session, nets: gan_common.Nets, step: int) -> None:
+    """Raises gan_common.Diverged once a loss or G's or D's parameters were not finite:
+    called before the state is logged, evaluated or saved."""
+    session.watch.check(step, {"generator": nets.generator, "discriminator": nets.discriminator})
 
 
 def train_step(
@@ -316,9 +341,10 @@ def measure_quality(
 def train_epochs(
     session: Session, nets: gan_common.Nets, counters: Counters, stop: gan_common.StopSignal
 ) -> tuple | None:
-    """Trains to --epochs or a signal, evaluating and checkpointing every --eval-every
-    epochs; returns the last evaluation's points and quality (None if none was made)."""
-    args, evaluation = session.args, None
+    """Trains to --epochs, a signal or divergence, evaluating and checkpointing every
+    --eval-every epochs; returns the last evaluation's points and quality (None if none was
+    made). The log is closed however it ends."""
+    args = session.args
     log = run_log.RunLog(
         session.run_dir, run_log.TOY_LOG_COLUMNS, run_log.TOY_QUALITY_COLUMNS, counters.step, args.tensorboard
     )
@@ -327,6 +353,23 @@ def train_epochs(
     progress = tqdm(
         range(counters.epoch + 1, args.epochs + 1), initial=counters.epoch, total=args.epochs, unit="epoch"
     )
+    try:
+        return run_epochs(session, nets, counters, stop, log, progress)
+    finally:
+        progress.close()
+        log.close()
+
+
+def run_epochs(
+    session: Session,
+    nets: gan_common.Nets,
+    counters: Counters,
+    stop: gan_common.StopSignal,
+    log: run_log.RunLog,
+    progress: tqdm,
+) -> tuple | None:
+    """train_epochs' loop over the epochs `progress` yields."""
+    args, evaluation = session.args, None
     last_step, last_time = counters.step, time.perf_counter()
     for epoch in progress:
         counters.epoch_loader_state = session.loader_rng.get_state()
@@ -334,7 +377,9 @@ def train_epochs(
             figures = train_step(session, nets, real, counters, train_d=batch_index % args.d_every == 0)
             counters.step += 1
             counters.batch = batch_index + 1
+            session.watch.observe(counters.step, loss_d=figures["loss_d"], loss_g=figures["loss_g"])
             if counters.step % args.log_every == 0:
+                check_finite(session, nets, counters.step)
                 now = time.perf_counter()
                 row = log_row(nets, counters, epoch, figures, (counters.step - last_step) / (now - last_time))
                 log.write("log", row)
@@ -346,10 +391,9 @@ def train_epochs(
             break
         counters.epoch, counters.batch = epoch, 0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
+            check_finite(session, nets, counters.step)
             evaluation = measure_quality(session, nets, epoch, counters.step, log)
             save(session, nets, counters, epoch, 0, session.loader_rng.get_state())
-    progress.close()
-    log.close()
     return evaluation
 
 
@@ -378,6 +422,8 @@ def finish(session: Session, step: int, generated: torch.Tensor, quality: dict) 
 def train(args: argparse.Namespace) -> None:
     if args.out is None:
         args.out = Path(f"runs/toy2d-{args.g_opt}_{args.d_opt}-s{args.seed}")
+    if args.resume is not None:
+        run_log.check_resumable(args.out)
     gan_common.check_run_folder(Path(args.out), resuming=args.resume is not None)
     if args.tensorboard:
         run_log.check_tensorboard()
@@ -385,13 +431,20 @@ def train(args: argparse.Namespace) -> None:
     session = prepare_session(args)
     nets = build_nets(session)
     counters = start_or_resume(session, nets)
+    session.status.write("running", counters.step)
     stop = gan_common.StopSignal()
-    evaluation = train_epochs(session, nets, counters, stop)
-    stop.restore()
-    if stop.signum:
-        save(session, nets, counters, counters.epoch, counters.batch, counters.epoch_loader_state)
-        print(f"saved {session.run_dir / 'checkpoint.pt'}")
-        gan_common.exit_stopped(stop.signum, counters.step, f"python {SCRIPT} --resume {session.run_dir}")
+    try:
+        evaluation = train_epochs(session, nets, counters, stop)
+        stop.restore()
+        if stop.signum:
+            save(session, nets, counters, counters.epoch, counters.batch, counters.epoch_loader_state)
+            print(f"saved {session.run_dir / 'checkpoint.pt'}")
+            resume_command = f"python {SCRIPT} --resume {session.run_dir}"
+            session.status.exit_stopped(stop.signum, counters.step, resume_command)
+    except gan_common.Diverged as diverged:
+        stop.restore()
+        session.status.exit_diverged(diverged)
+    session.status.write("finished", counters.step)
     finish(session, counters.step, *evaluation)
 
 

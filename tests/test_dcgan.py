@@ -470,3 +470,58 @@ def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_
     assert fast_losses != [row["loss_g"] for row in read_csv(tmp_path / "fp32" / "log.csv")]
     args = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
     assert (args["amp"], args["channels_last"]) == ("bf16", True)
+
+
+def test_ramped_moving_average_follows_stylegan2_ada():
+    generator = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = train_dcgan.RampedAverage(generator, kimg=0.1, rampup=0.05, global_batch=10)
+
+    def step_generator():
+        with torch.no_grad():
+            for param in generator.parameters():
+                param.add_(1.0)
+        generator(torch.randn(4, 2))  # train mode: BatchNorm's running statistics move
+
+    # Step 1: no image seen yet, so a half-life of 0: the average becomes G, buffers and all.
+    step_generator()
+    average.update_parameters(generator)
+    assert all(map(torch.equal, average.module.state_dict().values(), generator.state_dict().values()))
+    # Step 2: 10 images seen, a half-life of min(100, 10 x 0.05) images: beta = 0.5 ** (10 / 0.5).
+    before = [param.clone() for param in average.module.parameters()]
+    step_generator()
+    average.update_parameters(generator)
+    beta = 0.5**20
+    for mine, old, theirs in zip(average.module.parameters(), before, generator.parameters()):
+        assert torch.allclose(mine, beta * old + (1 - beta) * theirs)
+    assert torch.equal(average.module[1].running_mean, generator[1].running_mean)
+    assert average.beta(10_000) == 0.5 ** (10 / 100)  # the ramp passed the 100-image half-life
+    assert train_dcgan.RampedAverage(generator, 0.1, 0.0, 10).beta(0) == 0.5 ** (10 / 100)  # no ramp
+
+
+def test_ramped_moving_average_resumes_exactly(tmp_path):
+    # An evaluation at the split too: its forward passes move G's BatchNorm statistics, which
+    # the average takes over, so both runs must make the same ones.
+    common = ["--dataset", "shapes", "--subset", 32, "--bs", 8, "--log-every", 1, "--eval-every", 2,
+              "--data-root", tmp_path / "data", "--g-ema-kimg", 0.05, "--g-ema-rampup", 0.5]  # fmt: skip
+    check_ok(run(*common, "--max-steps", 2, "--out", tmp_path / "split"))  # mid-epoch: 4 steps an epoch
+    check_ok(run(*common, "--max-steps", 4, "--resume", tmp_path / "split"))
+    check_ok(run(*common, "--max-steps", 4, "--out", tmp_path / "whole"))
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert whole["g_ema"]["n_averaged"] == 4
+    for name, tensor in whole["g_ema"].items():
+        assert torch.equal(split["g_ema"][name], tensor), name
+    # An average indeed: neither G's weights nor its first ones.
+    weight = whole["g_ema"]["module.main.0.weight"]
+    assert not torch.equal(weight, whole["generator"]["main.0.weight"])
+    assert untimed(tmp_path / "split" / "quality.csv") == untimed(tmp_path / "whole" / "quality.csv")
+    assert read_csv(tmp_path / "whole" / "quality.csv")[0]["diversity_ratio_ema"]
+    assert (tmp_path / "whole" / "samples" / "ema" / "final.png").is_file()
+    status = json.loads((tmp_path / "whole" / "status.json").read_text())
+    assert status == {"status": "finished", "step": 4, "cause": None, "checkpoint_step": 4}
+
+
+def test_ema_flags_refused_together_or_alone(tmp_path, capsys):
+    shapes = ["--dataset", "shapes", "--out", tmp_path / "run"]
+    fails_in_process(capsys, [*shapes, "--g-ema", "0.9", "--g-ema-kimg", "5"], "not allowed with argument")
+    fails_in_process(capsys, [*shapes, "--g-ema-rampup", "0.1"], "pass --g-ema-kimg K too")

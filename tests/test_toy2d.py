@@ -219,9 +219,14 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] < 3, "interrupted too late to compare with the 3-epoch run"
+    step = checkpoint["step"]
+    stopped = {"status": "stopped", "step": step, "cause": None, "checkpoint_step": step}
+    assert json.loads((run_dir / "status.json").read_text()) == stopped
 
     train("--resume", str(run_dir), "--epochs", "3")
     assert without_timing(read_csv(run_dir / "log.csv")) == without_timing(read_csv(three_epochs / "log.csv"))
+    finished = {"status": "finished", "step": 24, "cause": None, "checkpoint_step": 24}
+    assert json.loads((run_dir / "status.json").read_text()) == finished
 
 
 def refusal(monkeypatch, capsys, *argv: str) -> str:
