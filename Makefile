@@ -1,7 +1,8 @@
 # Two commands from a fresh clone:
 #   make demo   installs into .venv, builds the kernels and runs the main job
 #   make test   installs into .venv, builds the kernels and runs the whole test suite
-# Also: make bench (optimizer step benchmark), make throughput, make benchmark, make lint,
+# Also: make bench (optimizer step benchmark), make throughput, make benchmark (and
+# benchmark-pilot, benchmark-small), make lint,
 # make check-arm (the C++ sources compiled for aarch64 with a cross compiler), make
 # check-ptxas (the CUDA kernels' registers, no GPU needed), make gpu-check (on a GPU).
 
@@ -17,7 +18,7 @@ export MAX_JOBS ?= 2
 
 KERNEL_SOURCES := $(wildcard casmo_ext/csrc/*) setup.py
 
-.PHONY: demo test bench throughput speed-check benchmark benchmark-small lint install check-arm check-ptxas gpu-check test-arm
+.PHONY: demo test bench throughput speed-check benchmark benchmark-pilot benchmark-small lint install check-arm check-ptxas gpu-check test-arm
 
 install: $(VENV)/.built $(VENV)/pip.conf
 
@@ -44,10 +45,11 @@ test: install
 # 1,000-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
 # and with CASMO on the generator (casmo_adam), two runs at a time; then the figures, among
 # them plots/dcgan-shapes/compare_samples.png (the two generators' samples side by side over
-# their KID curves), and results.md. Each demo writes a new folder.
+# their KID curves), and results.md, which quotes the published grid's seed-to-seed spread:
+# one seed is an illustration, not evidence. Each demo writes a new folder.
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
-	$(PY) benchmark.py --out $(DEMO) --configs adam_adam casmo_adam --toy-seeds 1 --toy-epochs 40 \
+	$(PY) benchmark.py --out $(DEMO) --parts a c --configs adam_adam casmo_adam --toy-seeds 1 --toy-epochs 40 \
 		--dcgan-seeds 1 --dcgan-steps 1000 --eval-every 200 --eval-samples 500 --g-ema 0 \
 		--control-configs --sweep-robustness --dcgan-sweep-robustness
 	@echo "demo: samples side by side with their KID in $(DEMO)/plots/dcgan-shapes/compare_samples.png"
@@ -71,14 +73,23 @@ throughput: install
 speed-check: install
 	$(PY) tools/speed_check.py
 
-# The benchmark's evidence: the four configurations over several seeds on the toy and the
-# shapes DCGAN, the step-size control, robustness sweeps, figures and results.md in
-# runs/benchmark (about four hours on 2 cores). Finished runs are kept and interrupted
-# ones resumed, so it can be stopped and started again. benchmark-small is a quick look; pass more options in ARGS,
-# e.g. make benchmark ARGS="--dataset tinyimagenet --dcgan-steps 0 --device cuda".
+# The benchmark's evidence: the grid of docs/benchmark_protocol.md, part by part (a: adam_adam
+# and casmo_adam on the shapes DCGAN, 8 seeds, and the step-size control; b: the same under
+# the stress setting that benchmark-pilot chose; c: the other configurations, the robustness
+# sweeps, the toy), with figures and results.md in runs/benchmark after each part. It prints
+# its time estimate first (about 18 hours on 2 cores). Runs with a result are kept and
+# interrupted ones resumed, so it can be stopped and started again; ARGS="--publish
+# docs/results" publishes each run as it ends and skips those published, here or elsewhere.
+# benchmark-small is a quick look; pass more options in ARGS, e.g.
+# make benchmark ARGS="--dataset tinyimagenet --dcgan-steps 0 --device cuda".
 ARGS ?=
 benchmark: install
 	$(PY) benchmark.py $(ARGS)
+
+# The stress pilot, before part b: adam_adam under each candidate setting; its choice in
+# runs/benchmark/pilot/pilot.json (and the --publish folder's, which the grid reads too).
+benchmark-pilot: install
+	$(PY) benchmark.py --pilot $(ARGS)
 
 benchmark-small: install
 	$(PY) benchmark.py --small $(ARGS)

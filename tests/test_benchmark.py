@@ -17,8 +17,10 @@ import pytest
 
 import benchmark
 import plot_logs
+import run_log
 import run_summary
 import speed_settings
+from casmo_ext.bench import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -35,34 +37,49 @@ TINY = [
 ]
 TINY += ["--eval-every", "5", "--eval-samples", "32", "--control-configs", "casmo_adam"]
 TINY += ["--sweep-robustness", "0", "--dcgan-sweep-robustness", "0", "--sweep-seeds", "1", "--jobs", "2"]
+TINY += ["--parts", "a", "c"]
 
 
-def test_default_grid_is_four_configurations_by_several_seeds(monkeypatch):
-    # A CPU with native bf16 (AMX Xeon), where the grid's default is bf16 + channels_last.
+def test_default_grid_is_the_protocols_parts(monkeypatch):
+    # A CPU with native bf16 (AMX Xeon): the grid still runs fp32, one precision for every run.
     monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (True, "mocked AMX"))
-    sets = benchmark.plan(benchmark.parse_args([]))
-    assert [len(jobs) for jobs in sets.values()] == [4 * 5, 4 * 3, 2 * 2]
-    toy = sets["toy2d"]
+    args = benchmark.parse_args(["--stress-options", "--lr-d 8e-4"])
+    parts = {part: benchmark.plan(args, part) for part in "abc"}
+    assert {part: {name: len(jobs) for name, jobs in sets.items()} for part, sets in parts.items()} == {
+        "a": {"dcgan-shapes": 2 * 8},
+        "b": {"dcgan-shapes-stress": 2 * 8},
+        "c": {"dcgan-shapes": 2 * 5, "toy2d": 4 * 5, "toy2d-robustness": 2 * 2},
+    }
+    toy = parts["c"]["toy2d"]
     assert {(job.config, job.seed) for job in toy} == {(c, s) for c in benchmark.CONFIGS for s in range(5)}
     assert all(
         "--epochs" in job.command and job.command[job.command.index("--epochs") + 1] == "200" for job in toy
     )
-    casmo_casmo = next(job.command for job in sets["dcgan-shapes"] if job.config == "casmo_casmo")
+    casmo_casmo = next(job.command for job in parts["c"]["dcgan-shapes"] if job.config == "casmo_casmo")
     assert casmo_casmo[casmo_casmo.index("--g-opt") + 1] == "casmo"
     options = " ".join(casmo_casmo)
-    for option in ("--max-steps 2000", "--eval-every 250", "--g-ema 0.999", "--amp bf16", "--channels-last"):
+    for option in ("--max-steps 2000", "--eval-every 250", "--eval-samples 1000", "--amp off"):
         assert option in options
-    sweep = {job.command[job.command.index("--robustness") + 1] for job in sets["toy2d-robustness"]}
+    assert "--g-ema-kimg 10 --g-ema-rampup 0.05" in options and "--channels-last" in casmo_casmo
+    stress = parts["b"]["dcgan-shapes-stress"][0]
+    assert stress.command[-4:] == ["--lr-d", "8e-4", "--out", str(stress.folder)]  # last: it wins
+    sweep = {job.command[job.command.index("--robustness") + 1] for job in parts["c"]["toy2d-robustness"]}
     assert sweep == {"0.0", "1.0"}
+    # The demo's --g-ema 0: no EMA G; a fixed decay instead of the ramp where one is asked for.
+    assert benchmark.ema_setting(benchmark.parse_args(["--g-ema", "0"]))[0] == []
+    assert benchmark.ema_setting(benchmark.parse_args(["--g-ema", "0.999"]))[0] == ["--g-ema", "0.999"]
+    # Asked for, --amp auto still picks bf16 (and channels_last) where the CPU computes it natively.
+    auto = benchmark.plan(benchmark.parse_args(["--amp", "auto"]), "a")["dcgan-shapes"][0].command
+    assert auto[auto.index("--amp") + 1] == "bf16" and "--channels-last" in auto
 
 
-def test_default_grid_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+def test_amp_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (False, "mocked AVX2 EPYC"))
-    args = benchmark.parse_args([])
-    command = benchmark.plan(args)["dcgan-shapes"][0].command
+    args = benchmark.parse_args(["--amp", "auto"])
+    command = benchmark.plan(args, "a")["dcgan-shapes"][0].command
     assert command[command.index("--amp") + 1] == "off" and "--channels-last" in command
     assert args.speed_settings["chosen"] == {"amp": "off", "channels_last": True}
-    assert benchmark.plan(benchmark.parse_args(["--amp", "bf16"]))["dcgan-shapes"][0].command.count(
+    assert benchmark.plan(benchmark.parse_args(["--amp", "bf16"]), "a")["dcgan-shapes"][0].command.count(
         "--no-channels-last"
     )
 
@@ -70,14 +87,218 @@ def test_default_grid_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
 def test_small_grid_and_full_dcgan_budget():
     small = benchmark.parse_args(["--small"])
     assert (small.toy_seeds, small.toy_epochs, small.dcgan_seeds, small.sweep_robustness) == (2, 60, 1, [])
-    assert (small.control_configs, small.dcgan_sweep_robustness) == ([], [])
+    assert (small.control_configs, small.dcgan_sweep_robustness, small.parts) == ([], [], ["a", "c"])
     assert small.out == Path("runs/benchmark-small")
     full = benchmark.plan(
-        benchmark.parse_args(["--dataset", "tinyimagenet", "--dcgan-steps", "0", "--device", "cuda"])
+        benchmark.parse_args(["--dataset", "tinyimagenet", "--dcgan-steps", "0", "--device", "cuda"]), "a"
     )
     command = full["dcgan-tinyimagenet"][0].command
     assert "--max-steps" not in command and command[command.index("--epochs") + 1] == "50"
     assert benchmark.parse_args(["--device", "cuda"]).jobs == 1
+
+
+def test_the_parts_run_in_the_protocols_order(tmp_path, capsys):
+    options = [
+        "--dry-run",
+        "--out",
+        str(tmp_path),
+        "--parts",
+        "c",
+        "b",
+        "a",
+        "--stress-options",
+        "--subset 256",
+    ]
+    assert benchmark.main(options) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("part ")] == ["part a:", "part b:", "part c:"]
+    sets = [Path(line.split()[-1]).parent.name for line in lines if line.startswith("start")]
+    expected = ["dcgan-shapes"] * 16 + ["dcgan-shapes-stress"] * 16 + ["dcgan-shapes"] * 10
+    assert sets == expected + ["toy2d"] * 20 + ["toy2d-robustness"] * 4
+    assert lines.index("part b:") > max(i for i, line in enumerate(lines) if "part a's controls" in line)
+
+
+def test_part_b_takes_its_setting_from_the_command_or_the_pilot_else_refuses(
+    tmp_path, capsys, shapes_data_root
+):
+    out, published = tmp_path / "out", tmp_path / "published"
+    command = [
+        "--parts",
+        "b",
+        "--out",
+        str(out),
+        "--publish",
+        str(published),
+        "--data-root",
+        str(shapes_data_root),
+    ]
+    assert benchmark.main(command) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: part b needs its stress setting: run `python benchmark.py --pilot` first")
+    assert error.count("\n") == 1 and not (out / "dcgan-shapes-stress").exists()
+    (published / "pilot").mkdir(parents=True)
+    (published / "pilot" / "pilot.json").write_text(json.dumps({"chosen": "S3", "options": "--lr-d 8e-4"}))
+    args = benchmark.parse_args(command)
+    assert benchmark.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--lr-d", "8e-4"]
+    args = benchmark.parse_args([*command, "--stress-options", "--subset 256"])
+    assert benchmark.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--subset", "256"]
+
+
+def fake_runs(monkeypatch, exit_codes: dict[Path, int]) -> list[Path]:
+    """benchmark.py's processes replaced: each run folder gets a status.json by its exit code
+    (0 finished, 3 diverged; default 0); returns the folders started, in order."""
+    started, real_run = [], subprocess.run
+
+    def run(command, **options):
+        if "--out" not in command:  # not a run: platform's uname, say
+            return real_run(command, **options)
+        folder = Path(command[command.index("--out") + 1])
+        started.append(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        code = exit_codes.get(folder, 0)
+        status = {0: "finished", 3: "diverged"}.get(code, "stopped")
+        status_record = {"status": status, "step": 10, "cause": None, "checkpoint_step": None}
+        (folder / run_log.STATUS_FILE).write_text(json.dumps(status_record))
+        (folder / "log.csv").write_text("step,loss_d,conf_g,steps_per_sec\n10,0.5,0.25,2.0\n")
+        (folder / "config.json").write_text(json.dumps({"script": "train_dcgan.py", "args": {"lr_g": 2e-4}}))
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(benchmark.subprocess, "run", run)
+    return started
+
+
+def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path, monkeypatch, capsys):
+    args = benchmark.parse_args(["--out", str(tmp_path / "out"), "--dcgan-seeds", "2", "--jobs", "1"])
+    jobs = benchmark.plan(args, "a")["dcgan-shapes"]  # adam_adam and casmo_adam, seeds 0 and 1
+    before, now, finishes, fails = jobs
+    before.folder.mkdir(parents=True)
+    status = {"status": "diverged", "step": 120, "cause": "loss_d is nan", "checkpoint_step": 100}
+    (before.folder / run_log.STATUS_FILE).write_text(json.dumps(status))
+    (before.folder / "checkpoint.pt").write_bytes(b"")  # a checkpoint does not make it resumable
+    (before.folder / "config.json").write_text("{}")
+    assert benchmark.state(before) == "diverged"
+    started = fake_runs(monkeypatch, {now.folder: 3, fails.folder: 1})
+    (tmp_path / "logs").mkdir()
+    ran = benchmark.run_all(jobs, args, tmp_path / "logs", "part a")
+    printed = capsys.readouterr().out
+    assert sorted(started) == sorted([now.folder, finishes.folder, fails.folder])
+    assert "part a: 1 of 4 runs done before; 3 to run, 1 at once (1 diverged, 3 start)" in printed
+    assert (
+        "diverged: dcgan-shapes/adam_adam-s1" in printed and "failed: dcgan-shapes/casmo_adam-s1" in printed
+    )
+    assert benchmark.failures(ran) == [(fails, tmp_path / "logs" / "dcgan-shapes-casmo_adam-s1.log")]
+    assert [benchmark.state(job) for job in jobs] == ["diverged", "diverged", "done", "restart"]
+    # results.md counts both diverged runs with the finished one; the failed one is left out.
+    compared = {}
+    monkeypatch.setattr(benchmark, "report_sets", lambda args, sets: {name: [] for name in sets})
+    monkeypatch.setattr(
+        benchmark.paired_analysis, "results_sections", lambda sets: compared.update(sets) or ["(compared)"]
+    )
+    results = benchmark.write_out(args, {"dcgan-shapes": jobs}, []).read_text()
+    assert compared == {"dcgan-shapes": [before.folder, now.folder, finishes.folder]}
+    assert (
+        "(compared)" in results and "Parts complete here: none; not run, or not complete: a, b, c." in results
+    )
+
+
+def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
+    tmp_path, monkeypatch, capsys, shapes_data_root
+):
+    out, published = tmp_path / "out", tmp_path / "published"
+    started = fake_runs(monkeypatch, {})
+    monkeypatch.setattr(benchmark, "probe_speed", lambda args: 1.0)
+    candidates = {}
+
+    def pilot_table(runs):
+        candidates.update(runs)
+        return "S2", ["| the pilot's table |"]
+
+    monkeypatch.setattr(benchmark.paired_analysis, "pilot_table", pilot_table)
+    command = [
+        "--pilot",
+        "--out",
+        str(out),
+        "--publish",
+        str(published),
+        "--data-root",
+        str(shapes_data_root),
+    ]
+    assert benchmark.main(command) == 0
+    printed = capsys.readouterr().out
+    assert 'part b runs with --stress-options "--lr-g 8e-4 --lr-d 8e-4"' in printed
+    assert "9 DCGAN runs to do (pilot: 9): about" in printed
+    assert sorted(candidates) == ["S1", "S2", "S3"] and len(started) == 9
+    assert candidates["S1"] == [out / "pilot" / "S1" / f"adam_adam-s{seed}" for seed in (100, 101, 102)]
+    first = benchmark.plan_pilot(benchmark.parse_args(command))["S1"][0].command
+    assert first[first.index("--max-steps") + 1] == "1000" and first[-4:-2] == ["--subset", "256"]
+    for root in (out, published):
+        assert json.loads((root / "pilot" / "pilot.json").read_text()) == {
+            "chosen": "S2",
+            "options": "--lr-g 8e-4 --lr-d 8e-4",
+        }
+        assert "| the pilot's table |" in (root / "pilot" / "pilot.md").read_text()
+    assert (published / "pilot" / "S3" / "adam_adam-s102" / run_log.STATUS_FILE).is_file()
+    # Elsewhere, with the published folder checked out: part b runs with the pilot's choice.
+    elsewhere = benchmark.parse_args(["--out", str(tmp_path / "elsewhere"), "--publish", str(published)])
+    assert benchmark.stress_options(elsewhere) == ["--lr-g", "8e-4", "--lr-d", "8e-4"]
+
+
+def test_the_estimate_times_the_runs_to_do_by_a_run_made_here_else_a_probe(tmp_path, monkeypatch):
+    args = benchmark.parse_args(["--out", str(tmp_path), "--parts", "a", "b", "--jobs", "2"])
+    monkeypatch.setattr(benchmark, "probe_speed", lambda args: 1.25)
+    hours = 12 * (2000 / 1.25 + 8 * 15) / 3600  # 16 runs and their 8 controls, 2 at once
+    assert benchmark.grid_estimate(args) == (
+        f"24 DCGAN runs to do (part a: 24): about {hours:.1f} h on this CPU (1.25 steps/s per run, 2 at "
+        "once); the grid stops before part b, which needs its stress setting (--pilot)"
+    )
+    run = tmp_path / "dcgan-shapes" / "adam_adam-s0"  # made here, at the grid's precision
+    run.mkdir(parents=True)
+    config = {"script": "train_dcgan.py", "args": {"amp": "off"}, "environment": {"cpu": cpu_model()}}
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "log.csv").write_text("step,steps_per_sec\n10,0.5\n20,1.0\n30,4.0\n")
+    (run / "quality.csv").write_text("step,eval_seconds\n10,30\n")
+    (run / benchmark.DONE_MARKER).write_text("")
+    monkeypatch.setattr(benchmark, "probe_speed", None)  # not called
+    hours = 12 * (2000 / 1.0 + 8 * 30) / 3600
+    args.parts = ["a"]
+    assert benchmark.grid_estimate(args) == (
+        f"23 DCGAN runs to do (part a: 23): about {hours:.1f} h on this CPU (1.00 steps/s per run, 2 at once)"
+    )
+
+
+def test_the_probe_times_a_few_steps_of_the_grids_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "PROBE_STEPS", 10)  # one logged interval
+    args = benchmark.parse_args(["--out", str(tmp_path), "--subset", "32", "--data-root", str(tmp_path)])
+    assert 0 < benchmark.probe_speed(args) < 1000
+
+
+def test_a_one_seed_set_quotes_the_published_grids_spread(tmp_path):
+    reference = tmp_path / "reference" / "dcgan-shapes"
+    for seed, kid in enumerate([300.0, 340.0, 320.0]):
+        (reference / f"adam_adam-s{seed}").mkdir(parents=True)
+        (reference / f"adam_adam-s{seed}" / "quality.csv").write_text(
+            f"step,kid,kid_ema\n500,1,{kid + 50}\n1000,1,{kid}\n"
+        )
+    args = benchmark.parse_args(
+        [
+            "--out",
+            str(tmp_path / "demo"),
+            "--grid-reference",
+            str(tmp_path / "reference"),
+            "--dcgan-seeds",
+            "1",
+        ]
+    )
+    jobs = benchmark.plan(args, "a")["dcgan-shapes"]
+    for job in jobs:
+        job.folder.mkdir(parents=True)
+        (job.folder / "quality.csv").write_text("step,kid\n500,9\n1000,9\n")
+    assert benchmark.one_seed("dcgan-shapes", jobs)
+    caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
+    assert caveat.startswith("One seed at one budget is an illustration, not evidence: at step 1000,")
+    assert "adam_adam 300–340 (mean 320, 3 seeds)" in caveat
+    assert "casmo_adam: the grid has no evaluation at step 1000" in caveat
+    assert caveat.endswith("docs/benchmark_results.md.")
 
 
 def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
@@ -91,13 +312,36 @@ def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, shapes_data_root) -> Path:
+def part_a(tmp_path_factory, shapes_data_root) -> tuple[Path, subprocess.CompletedProcess, str]:
+    """The miniature grid's first command, of all three parts: part a runs, then part b stops
+    the grid (no stress setting). Its folder, its outcome and results.md as it left it."""
     out = tmp_path_factory.mktemp("grid")
+    where = ["--out", str(out), "--data-root", str(shapes_data_root), "--publish", str(out / "published")]
+    result = run_benchmark(*where, "--parts", "a", "b", "c")
+    return out, result, (out / "results.md").read_text() if (out / "results.md").is_file() else ""
+
+
+@pytest.fixture(scope="module")
+def grid(part_a, shapes_data_root) -> Path:
+    """The same command with TINY's parts, a and c: it continues the grid."""
+    out = part_a[0]
     result = run_benchmark(
         "--out", str(out), "--data-root", str(shapes_data_root), "--publish", str(out / "published")
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "part a: 2 of 2 runs done before; 0 to run" in result.stdout
     return out
+
+
+def test_part_b_without_a_stress_setting_stops_the_grid_with_part_a_written(part_a):
+    out, result, results = part_a
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: part b needs its stress setting")
+    assert "Parts complete here: a; not run, or not complete: b, c." in results
+    assert "## dcgan-shapes-control" in results and "## toy2d" not in results
+    assert "3 DCGAN runs to do (part a: 3): not timed" in result.stdout  # the estimate line
+    published = out / "published" / "dcgan-shapes" / "adam_adam-s0"
+    assert (published / "log.csv").is_file() and (out / "published" / "results.md").is_file()
 
 
 def test_grid_writes_runs_figures_and_results(grid):
@@ -106,14 +350,20 @@ def test_grid_writes_runs_figures_and_results(grid):
             assert (grid / name / f"{config}-s0" / benchmark.DONE_MARKER).is_file()
         assert (grid / "plots" / name / "comparison_2x2.png").is_file()
     results = (grid / "results.md").read_text()
+    tables, compared = results.split("## Endpoints and paired comparisons")  # then paired_analysis's
     for config in benchmark.CONFIGS:
         # A row in the toy table, the DCGAN's two, and again in the control sets' tables.
-        assert results.count(f"| **{config}** | 0 |") == 6
+        assert tables.count(f"| **{config}** | 0 |") == 6
     assert (
-        "| **casmo_casmo (robustness=0.0)** | 0 |" in results
-        and "| **casmo_casmo (robustness=0.5)** | 0 |" in results
+        "| **casmo_casmo (robustness=0.0)** | 0 |" in tables
+        and "| **casmo_casmo (robustness=0.5)** | 0 |" in tables
     )
     assert "torch 2." in results and (grid / "machine.json").is_file()
+    assert "Parts complete here: a, c; not run, or not complete: b." in results
+    # One seed: the caveat, with the published grid's spread (docs/results evaluates every 250 steps).
+    assert results.count("One seed at one budget is an illustration, not evidence: at step 10,") == 3
+    assert "adam_adam: the grid has no evaluation at step 10" in results
+    assert compared.strip()  # paired_analysis's sections
 
 
 def test_the_control_is_adam_at_casmos_mean_step(grid):
@@ -127,7 +377,7 @@ def test_the_control_is_adam_at_casmos_mean_step(grid):
         args = control["args"]
         assert (args["g_opt"], args["d_opt"], args["label"]) == ("adam", "adam", "casmo_adam-control")
         assert (args["lr_g"], args["lr_d"]) == (pytest.approx(record["lr_g"], rel=1e-12), default_lr)
-    results = (grid / "results.md").read_text()
+    results = (grid / "results.md").read_text().split("## Endpoints and paired comparisons")[0]
     assert results.count("| **casmo_adam-control** | 0 |") == 3  # toy, DCGAN losses, DCGAN quality
     assert "## dcgan-shapes-robustness" in results and "(robustness=0.0)** | 0 |" in results
     assert (grid / "plots" / "dcgan-shapes-control" / "compare_samples.png").is_file()
@@ -142,11 +392,36 @@ def test_published_outputs_redraw_the_same_tables(grid, tmp_path):
     expected = {"final.jpg", "ema/final.jpg"} | {f"step_{step:06d}.jpg" for step in steps}
     published_grids = {str(path.relative_to(run / "samples")) for path in (run / "samples").rglob("*.jpg")}
     assert steps and published_grids == expected
+    local = grid / "dcgan-shapes" / "casmo_adam-s0"
+    assert (run / run_log.STATUS_FILE).is_file() == (local / run_log.STATUS_FILE).is_file()
     folders = [published / "dcgan-shapes-control", published / "dcgan-shapes"]
     plot_logs.report(plot_logs.parse_args([*map(str, folders), "--out", str(tmp_path / "redrawn")]))
     redrawn = (tmp_path / "redrawn" / "summary.csv").read_text()
     assert redrawn == (grid / "plots" / "dcgan-shapes-control" / "summary.csv").read_text()
     assert (tmp_path / "redrawn" / "compare_samples.png").is_file()
+
+
+def test_a_published_run_is_skipped_and_read_where_it_is(grid, tmp_path, monkeypatch, capsys):
+    # Another machine: an empty OUT, and the published folder checked out.
+    published = tmp_path / "published"
+    shutil.copytree(grid / "published" / "toy2d", published / "toy2d")
+    finished = {"status": "finished", "step": 79, "cause": None, "checkpoint_step": None}
+    for run in (published / "toy2d").iterdir():
+        if not (run / run_log.STATUS_FILE).is_file():  # a script that writes no status.json yet
+            (run / run_log.STATUS_FILE).write_text(json.dumps(finished))
+    args = benchmark.parse_args(TINY + ["--out", str(tmp_path / "out"), "--publish", str(published)])
+    toy = benchmark.plan(args, "c")["toy2d"]
+    assert {benchmark.state(job) for job in toy} == {"published"}
+    assert all(job.location == published / "toy2d" / job.folder.name for job in toy)
+    monkeypatch.setattr(benchmark.subprocess, "run", None)  # nothing may start
+    assert benchmark.run_all(toy, args, tmp_path, "part c") == []
+    assert "part c: 4 of 4 runs done before; 0 to run, 2 at once (4 published)" in capsys.readouterr().out
+    # The control's learning rate from the published log.csv; control.json published as it is written.
+    control = benchmark.plan_controls(args, {"toy2d": toy})["toy2d-control"][0]
+    confidence = run_summary.read_numeric_csv(published / "toy2d" / "casmo_adam-s0" / "log.csv")["conf_g"]
+    lr_g = float(control.command[control.command.index("--lr-g") + 1])
+    assert lr_g == pytest.approx(2e-4 * np.nanmean(confidence), rel=1e-12)
+    assert (published / "toy2d-control" / "control.json").is_file()
 
 
 def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, shapes_data_root):
@@ -155,14 +430,18 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     shutil.rmtree(folder)
     command = next(
         job.command
-        for job in benchmark.plan(benchmark.parse_args(TINY + ["--out", str(grid)]))["toy2d"]
+        for job in benchmark.plan(benchmark.parse_args(TINY + ["--out", str(grid)]), "c")["toy2d"]
         if job.folder == folder
     )
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    stopped = {"status": "stopped", "step": 79, "cause": "SIGINT", "checkpoint_step": 79}
+    (folder / run_log.STATUS_FILE).write_text(json.dumps(stopped))  # what a stopped run says
     result = run_benchmark("--out", str(grid), "--data-root", str(shapes_data_root), "--toy-epochs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "8 of 9 runs done before; 1 to run" in result.stdout
-    assert "3 of 3 runs done before; 0 to run" in result.stdout  # the controls and the DCGAN sweep
+    assert "part a: 2 of 2 runs done before; 0 to run" in result.stdout
+    assert "part c: 6 of 7 runs done before; 1 to run, 2 at once (6 done, 1 resume)" in result.stdout
+    # The controls and the DCGAN sweep.
+    assert "part c, controls and sweep: 2 of 2 runs done before; 0 to run" in result.stdout
     assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()
     assert (folder / benchmark.DONE_MARKER).is_file()
     epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]
@@ -214,7 +493,9 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path):
     assert result.returncode == 0 and result.stdout.count("start") == 4
     result = run_benchmark(*dcgan_only)
     assert result.returncode == 1
-    assert "4 run(s) failed" in result.stdout and "dcgan-shapes-adam_adam-s0.log" in result.stdout
+    assert (
+        "2 run(s) failed" in result.stdout
+    )  # part a's; the grid stops there and "dcgan-shapes-adam_adam-s0.log" in result.stdout
     assert "run the same command again" in result.stdout
     assert "--subset" in (tmp_path / "out" / "logs" / "dcgan-shapes-adam_adam-s0.log").read_text()
 
