@@ -382,10 +382,11 @@ def plan(args: argparse.Namespace, part: str) -> dict[str, list[Job]]:
             make_job, options = toy_job, ["--robustness", str(DEFAULT_ROBUSTNESS)]
         else:
             make_job, options = dcgan_job, set_options(args, name)
+        # Seed by seed: a grid cut short leaves whole pairs, which the paired analysis uses.
         sets[name] = [
             make_job(args, args.out / name / f"{config}-s{seed}", config, seed, *options)
-            for config in configs
             for seed in range(count)
+            for config in configs
         ]
     if part == "c" and args.sweep_robustness and args.sweep_seeds:
         sets["toy2d-robustness"] = [
@@ -543,7 +544,7 @@ def plan_dcgan_sweep(args: argparse.Namespace) -> dict[str, list[Job]]:
         return {}
 
     def mean_endpoint(config: str) -> float:
-        values = [kid_endpoint(job.location, args.dcgan_steps) for job in jobs if job.config == config]
+        values = [paired_analysis.endpoints(job.location)["kid_area"] for job in jobs if job.config == config]
         return float(np.nanmean(values)) if np.isfinite(values).any() else math.inf
 
     best = min(sorted({job.config for job in jobs}), key=mean_endpoint)
@@ -557,18 +558,6 @@ def plan_dcgan_sweep(args: argparse.Namespace) -> dict[str, list[Job]]:
             for seed in range(args.sweep_seeds)
         ]
     }
-
-
-def kid_endpoint(run: Path, steps: int) -> float:
-    """The protocol's KID endpoint of a run: its mean KID (of EMA G where it kept one) over the
-    evaluations of the second half of its `steps` (0: of the steps it ran); NaN for a diverged
-    run."""
-    if run_status(run) == "diverged" or not (run / "quality.csv").is_file():
-        return math.nan
-    quality = run_summary.read_numeric_csv(run / "quality.csv")
-    kid, step = ema_or_raw_kid(quality), quality["step"]
-    values = kid[(step >= (steps or np.max(step, initial=0)) / 2) & np.isfinite(kid)]
-    return float(values.mean()) if len(values) else math.nan
 
 
 def ema_or_raw_kid(quality: run_summary.Columns) -> np.ndarray:

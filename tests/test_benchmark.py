@@ -169,7 +169,7 @@ def fake_runs(monkeypatch, exit_codes: dict[Path, int]) -> list[Path]:
 
 def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path, monkeypatch, capsys):
     args = benchmark.parse_args(["--out", str(tmp_path / "out"), "--dcgan-seeds", "2", "--jobs", "1"])
-    jobs = benchmark.plan(args, "a")["dcgan-shapes"]  # adam_adam and casmo_adam, seeds 0 and 1
+    jobs = benchmark.plan(args, "a")["dcgan-shapes"]  # seed by seed: adam_adam, casmo_adam of 0, then 1
     before, now, finishes, fails = jobs
     before.folder.mkdir(parents=True)
     status = {"status": "diverged", "step": 120, "cause": "loss_d is nan", "checkpoint_step": 100}
@@ -184,7 +184,7 @@ def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path,
     assert sorted(started) == sorted([now.folder, finishes.folder, fails.folder])
     assert "part a: 1 of 4 runs done before; 3 to run, 1 at once (1 diverged, 3 start)" in printed
     assert (
-        "diverged: dcgan-shapes/adam_adam-s1" in printed and "failed: dcgan-shapes/casmo_adam-s1" in printed
+        "diverged: dcgan-shapes/casmo_adam-s0" in printed and "failed: dcgan-shapes/casmo_adam-s1" in printed
     )
     assert benchmark.failures(ran) == [(fails, tmp_path / "logs" / "dcgan-shapes-casmo_adam-s1.log")]
     assert [benchmark.state(job) for job in jobs] == ["diverged", "diverged", "done", "restart"]
@@ -448,7 +448,7 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     assert epochs == ["1", "2"]
 
 
-def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path):
+def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shapes_data_root):
     toy_only = [
         "--toy-seeds",
         "1",
@@ -460,6 +460,7 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path):
         "--control-configs",
     ]
     command = [sys.executable, "benchmark.py", *toy_only, "--jobs", "2", "--out", str(tmp_path)]
+    command += ["--data-root", str(shapes_data_root)]  # the classifier trained once per session
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     grid = subprocess.Popen(
         command, cwd=ROOT, env=environment, start_new_session=True, stderr=subprocess.PIPE
