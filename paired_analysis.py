@@ -303,16 +303,8 @@ def endpoint_table(configs: dict[str, dict], names: list[str]) -> list[str]:
             lines.append(f"| {name} | not run | | | | | | |")
             continue
         raw_g += [f"{name} seed {run['seed']}" for run in runs if run["kid_column"] == "kid"]
-        failed = sum(run["failed"] for run in runs)
-        cells = [
-            name,
-            str(len(runs)),
-            ",".join(str(run["seed"]) for run in runs),
-            *(mean_cell(runs, measure) for measure in MEASURES),
-            f"{failed}/{len(runs)} {interval_text(*clopper_pearson(failed, len(runs)))}",
-            f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
-            f"{sum(run['collapsed'] for run in runs)}/{len(runs)}",
-        ]
+        cells = [name, *run_cells(runs), *(mean_cell(runs, measure) for measure in MEASURES)]
+        cells += outcome_cells(runs)
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", endpoint_caption(raw_g)]
 
@@ -508,19 +500,25 @@ def pilot_table(run_dirs_by_candidate: dict[str, list[Path]]) -> tuple[str, list
     return chosen, lines + [f"- {note}" for note in notes] + ([""] if notes else [])
 
 
-def pilot_row(candidate: str, runs: list[dict]) -> str:
-    if not runs:
-        return f"| {candidate} | not run | | | | | |"
+def run_cells(runs: list[dict]) -> list[str]:
+    """A table row's run count and seeds."""
+    return [str(len(runs)), ",".join(str(run["seed"]) for run in runs)]
+
+
+def outcome_cells(runs: list[dict]) -> list[str]:
+    """A table row's failed k/n with its Clopper-Pearson interval, then diverged and collapsed k/n."""
     failed = sum(run["failed"] for run in runs)
-    cells = [
-        candidate,
-        str(len(runs)),
-        ",".join(str(run["seed"]) for run in runs),
+    return [
         f"{failed}/{len(runs)} {interval_text(*clopper_pearson(failed, len(runs)))}",
         f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
         f"{sum(run['collapsed'] for run in runs)}/{len(runs)}",
-        mean_cell(runs, MEASURES[0]),
     ]
+
+
+def pilot_row(candidate: str, runs: list[dict]) -> str:
+    if not runs:
+        return f"| {candidate} | not run | | | | | |"
+    cells = [candidate, *run_cells(runs), *outcome_cells(runs), mean_cell(runs, MEASURES[0])]
     return "| " + " | ".join(cells) + " |"
 
 
