@@ -846,22 +846,28 @@ def one_seed_caveat(args: argparse.Namespace, name: str, jobs: list[Job]) -> lis
     step = int(
         max((np.max(run_summary.read_numeric_csv(path)["step"], initial=0) for path in qualities), default=0)
     )
-    reference, spreads = args.grid_reference / name, []
+    reference, spreads, missing = args.grid_reference / name, [], []
     for config in sorted({job.config for job in jobs}, key=run_summary.config_rank):
         values = []
         for path in sorted((HERE / reference).glob(f"{config}-s*/quality.csv")):
             quality = run_summary.read_numeric_csv(path)
             kid = ema_or_raw_kid(quality)[quality["step"] == step]
             values += list(kid[np.isfinite(kid)])
-        spreads.append(
-            f"{config} {min(values):.4g}–{max(values):.4g} (mean {np.mean(values):.4g}, {len(values)} seeds)"
-            if values
-            else f"{config}: the grid has no evaluation at step {step}"
+        if values:
+            spread = f"{min(values):.4g}–{max(values):.4g} (mean {np.mean(values):.4g}, {len(values)} seeds)"
+            spreads.append(f"{config} {spread}")
+        else:
+            missing.append(config)
+    measured = f"the published grid in {reference} has no evaluation at step {step} to compare with"
+    if spreads:
+        measured = (
+            f"at step {step}, the published grid in {reference} measured a KID (of EMA G, else of G) of "
+            + "; ".join(spreads)
+            + (f"; none at that step for {', '.join(missing)}" if missing else "")
         )
     return [
-        f"One seed at one budget is an illustration, not evidence: at step {step}, the published "
-        f"grid in {reference} measured a KID (of EMA G, else of G) of {'; '.join(spreads)}. Whether "
-        "CASMO helps is answered over seeds, with paired comparisons: docs/benchmark_results.md.",
+        f"One seed at one budget is an illustration, not evidence: {measured}. Whether CASMO helps "
+        "is answered over seeds, with paired comparisons: docs/benchmark_results.md.",
         "",
     ]
 
