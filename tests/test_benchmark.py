@@ -490,16 +490,16 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
         assert (folder / "quality.csv").read_text().splitlines()[-1].startswith("3,")  # the last epoch
 
 
-def test_a_failing_run_is_reported_with_its_log(tmp_path):
+def test_a_failing_run_is_reported_with_its_log(tmp_path, shapes_data_root):
     # --subset 0 is refused by train_dcgan.py itself: the toy runs go on, the DCGAN ones fail.
     dcgan_only = ["--toy-seeds", "0", "--sweep-robustness", "--subset", "0", "--out", str(tmp_path / "out")]
+    dcgan_only += ["--data-root", str(shapes_data_root)]  # the classifier trained once per session
     result = run_benchmark(*dcgan_only, "--dry-run")
     assert result.returncode == 0 and result.stdout.count("start") == 4
     result = run_benchmark(*dcgan_only)
     assert result.returncode == 1
-    assert (
-        "2 run(s) failed" in result.stdout
-    )  # part a's; the grid stops there and "dcgan-shapes-adam_adam-s0.log" in result.stdout
+    # Part a's two runs: the grid stops after the part that failed.
+    assert "2 run(s) failed" in result.stdout and "dcgan-shapes-adam_adam-s0.log" in result.stdout
     assert "run the same command again" in result.stdout
     assert "--subset" in (tmp_path / "out" / "logs" / "dcgan-shapes-adam_adam-s0.log").read_text()
 
