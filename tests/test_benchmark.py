@@ -118,20 +118,16 @@ def test_the_parts_run_in_the_protocols_order(tmp_path, capsys):
     assert lines.index("part b:") > max(i for i, line in enumerate(lines) if "part a's controls" in line)
 
 
+def where(out: Path, published: Path, data_root: Path) -> list[str]:
+    """benchmark.py's options of a test grid's folders: runs, published copies, data."""
+    return ["--out", str(out), "--publish", str(published), "--data-root", str(data_root)]
+
+
 def test_part_b_takes_its_setting_from_the_command_or_the_pilot_else_refuses(
     tmp_path, capsys, shapes_data_root
 ):
     out, published = tmp_path / "out", tmp_path / "published"
-    command = [
-        "--parts",
-        "b",
-        "--out",
-        str(out),
-        "--publish",
-        str(published),
-        "--data-root",
-        str(shapes_data_root),
-    ]
+    command = ["--parts", "b", *where(out, published, shapes_data_root)]
     assert benchmark.main(command) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: part b needs its stress setting: run `python benchmark.py --pilot` first")
@@ -214,15 +210,7 @@ def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
         return "S2", ["| the pilot's table |"]
 
     monkeypatch.setattr(benchmark.paired_analysis, "pilot_table", pilot_table)
-    command = [
-        "--pilot",
-        "--out",
-        str(out),
-        "--publish",
-        str(published),
-        "--data-root",
-        str(shapes_data_root),
-    ]
+    command = ["--pilot", *where(out, published, shapes_data_root)]
     assert benchmark.main(command) == 0
     printed = capsys.readouterr().out
     assert 'part b runs with --stress-options "--lr-g 8e-4 --lr-d 8e-4"' in printed
@@ -319,8 +307,7 @@ def part_a(tmp_path_factory, shapes_data_root) -> tuple[Path, subprocess.Complet
     """The miniature grid's first command, of all three parts: part a runs, then part b stops
     the grid (no stress setting). Its folder, its outcome and results.md as it left it."""
     out = tmp_path_factory.mktemp("grid")
-    where = ["--out", str(out), "--data-root", str(shapes_data_root), "--publish", str(out / "published")]
-    result = run_benchmark(*where, "--parts", "a", "b", "c")
+    result = run_benchmark(*where(out, out / "published", shapes_data_root), "--parts", "a", "b", "c")
     return out, result, (out / "results.md").read_text() if (out / "results.md").is_file() else ""
 
 
