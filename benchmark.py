@@ -25,6 +25,7 @@ in OUT/logs/, the figures in OUT/plots/<set>/, the results in OUT/results.md (an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -721,7 +722,8 @@ def runs_to_do(args: argparse.Namespace, part: str) -> Counter:
         for job in jobs
         if job.config in args.control_configs
     ]
-    sweep = len(args.dcgan_sweep_robustness) * args.sweep_seeds if part == "c" else 0
+    swept = part == "c" and any(job.kind == "dcgan" for job in flat(main))  # the sweep needs a DCGAN run
+    sweep = len(args.dcgan_sweep_robustness) * args.sweep_seeds if swept else 0
     return Counter(job.kind for job in todo + controls) + Counter(dcgan=sweep)
 
 
@@ -981,7 +983,7 @@ def run_machine(run: Path) -> str:
 def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[str, list[dict]]:
     """plot_logs.py's figures and tables per set, into OUT/plots/<set>/, and the set's summary
     rows; a control set and a sweep are drawn with the runs they are compared against."""
-    plots, rows = args.out / "plots", {}
+    plots, rows, drawings = args.out / "plots", {}, {}
     for name, set_jobs in sets.items():
         folders, group_by = [job.location for job in set_jobs], []
         base = sets.get(name.removesuffix(CONTROL_SUFFIX).removesuffix("-robustness"), [])
@@ -996,10 +998,62 @@ def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[st
         command = [sys.executable, "plot_logs.py", *map(str, folders), "--out", str(plots / name)]
         command += ["--group-by", *group_by] if group_by else []
         command += ["--caption", ONE_SEED_CAPTION] if one_seed(name, set_jobs) else []
-        sys.stdout.flush()  # plot_logs.py's lines after this script's own
-        if subprocess.run(command, cwd=HERE).returncode:
-            raise run_summary.NotARun(f"plot_logs.py could not draw the runs of {name} (see its message)")
+        drawings[name] = Drawing(command, plots / name, drawing_inputs(command, folders))
+    draw_sets(drawings, args.jobs if args.device == "cpu" else os.cpu_count() or 1)
     return rows
+
+
+@dataclass
+class Drawing:
+    command: list[str]  # plot_logs.py's, for one set
+    folder: Path  # where it draws
+    inputs: dict  # what it draws from (drawing_inputs)
+
+
+DRAWN_FILE = "drawn.json"  # in a set's plots folder: the inputs its figures were drawn from
+
+
+def drawing_inputs(command: list[str], folders: list[Path]) -> dict:
+    """What a set's figures depend on: the command, the scripts' code (plot_logs.py and what it
+    imports, and more, to be safe), and every file of its runs by size and modification time."""
+    files = {
+        str(path): [path.stat().st_size, path.stat().st_mtime_ns]
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(HERE.glob("*.py")))).hexdigest()
+    return {"command": command[1:], "code": code, "files": files}
+
+
+def draw_sets(drawings: dict[str, Drawing], jobs: int) -> None:
+    """plot_logs.py for each set whose inputs changed since it was last drawn, `jobs` at a time
+    with one thread each (drawing is single-threaded); prints each one's output whole, in the
+    sets' order. A 100-run grid redraws only the sets a part changed."""
+    todo = {}
+    for name, drawing in drawings.items():
+        stamp = drawing.folder / DRAWN_FILE
+        if stamp.is_file() and json.loads(stamp.read_text()) == drawing.inputs:
+            print(f"figures of {name}: its runs are as when drawn, in {drawing.folder}/")
+        else:
+            stamp.unlink(missing_ok=True)
+            todo[name] = drawing
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def draw(drawing: Drawing) -> subprocess.CompletedProcess:
+        return subprocess.run(drawing.command, cwd=HERE, env=environment, capture_output=True, text=True)
+
+    sys.stdout.flush()  # plot_logs.py's lines after this script's own
+    with ThreadPoolExecutor(jobs) as pool:
+        drawn = pool.map(draw, todo.values())
+        for name, result in tqdm(zip(todo, drawn), total=len(todo), desc="figures", unit="set"):
+            if result.stdout.strip():
+                tqdm.write(result.stdout.rstrip("\n"))
+            if result.stderr.strip():
+                tqdm.write(result.stderr.rstrip("\n"), file=sys.stderr)
+            if result.returncode:
+                raise run_summary.NotARun(f"plot_logs.py could not draw the runs of {name} (see its message)")
+            (todo[name].folder / DRAWN_FILE).write_text(json.dumps(todo[name].inputs) + "\n")
 
 
 PUBLISHED_FILES = ("config.json", "log.csv", "quality.csv", run_log.STATUS_FILE)

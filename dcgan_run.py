@@ -207,7 +207,7 @@ def prepare_session(args: argparse.Namespace, ranks: Ranks, run_dir: Path) -> Se
         raise DataError(f"{len(images)} images cannot fill one batch of --bs {args.bs}{processes}")
     # Fixed inputs, drawn from their own generator so they use none of the training RNG.
     fixed = torch.Generator().manual_seed(args.seed + 1)
-    grid_noise = torch.randn(GRID_SAMPLES, NZ, 1, 1, generator=fixed).to(ranks.device)
+    grid_noise = torch.randn(GRID_SAMPLES, NZ, 1, 1, generator=fixed)[: args.grid_samples].to(ranks.device)
     diversity_noise = torch.randn(DIVERSITY_SAMPLES, NZ, 1, 1, generator=fixed).to(ranks.device)
     reference = images[torch.randperm(len(images), generator=fixed)[:DIVERSITY_SAMPLES].to(ranks.device)]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)

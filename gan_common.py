@@ -69,13 +69,16 @@ def float_in(low: float, high: float, *, open_high: bool = False):
     return parse
 
 
-def at_least(minimum: int, things: str):
-    """An argparse type: an integer of at least `minimum` (`things` names what it counts)."""
+def at_least(minimum: int, things: str, most: int | None = None):
+    """An argparse type: an integer of at least `minimum` and, where given, at most `most`
+    (`things` names what it counts)."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"at least {minimum} {things} are needed, got {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"at most {most} {things}, got {text}")
         return value
 
     parse.__name__ = "int"

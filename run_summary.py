@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 from tqdm import tqdm
 
 import gan_common
@@ -554,6 +553,8 @@ def t_interval_half_width(values: np.ndarray) -> float:
     """Half the width of the 95% t-interval of the mean over seeds (NaN for one seed)."""
     if len(values) < 2:
         return math.nan
+    import scipy.stats  # here: the training scripts import this module, and scipy.stats takes a second
+
     return float(scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 

@@ -55,6 +55,7 @@ import speed_settings
 from dcgan_eval import STABILISER_HINT, measure_diversity, measure_quality, scoring_only, write_grid
 from dcgan_run import (
     G_EMA_RAMPUP,
+    GRID_SAMPLES,
     NZ,
     Nets,
     Session,
@@ -76,7 +77,7 @@ DOMINANCE_PATIENCE_STEPS = 200  # warn once D has won outright (gan_common.d_dom
 # Arguments a resumed run may change; the others must equal the run's own (config.json).
 RESUME_MAY_CHANGE = {
     "epochs", "max_steps", "device", "channels_last", "log_every", "sample_every", "workers", "eval_every",
-    "inception_weights", "tensorboard",
+    "inception_weights", "tensorboard", "grid_samples",
 }  # fmt: skip
 
 
@@ -156,6 +157,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
     output.add_argument("--log-every", type=positive_int, default=50, help="log.csv row every N steps")
     output.add_argument("--sample-every", type=positive_int, default=None, help="grid every N steps")
+    output.add_argument(
+        "--grid-samples",
+        type=gan_common.at_least(1, "images", most=GRID_SAMPLES),
+        default=GRID_SAMPLES,
+        help="images in each grid, 8 a row: the first N of the same fixed noise",
+    )
     output.add_argument(
         "--tensorboard", action="store_true", help="also log to RUN/tensorboard/ (scalars and grids)"
     )

@@ -247,6 +247,9 @@ def test_the_estimate_times_the_runs_to_do_by_a_run_made_here_else_a_probe(tmp_p
     (run / "quality.csv").write_text("step,eval_seconds\n10,30\n")
     (run / benchmark.DONE_MARKER).write_text("")
     monkeypatch.setattr(benchmark, "probe_speed", None)  # not called
+    toy_only = benchmark.parse_args(["--out", str(tmp_path / "toy"), "--parts", "c", "--dcgan-seeds", "0"])
+    assert benchmark.runs_to_do(toy_only, "c")["dcgan"] == 0  # no DCGAN run to sweep from
+    assert benchmark.grid_estimate(toy_only) == "0 DCGAN runs to do, and 39 toy runs (minutes each)"
     hours = 12 * (2000 / 1.0 + 8 * 30) / 3600
     args.parts = ["a"]
     assert benchmark.grid_estimate(args) == (
@@ -427,12 +430,25 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     stopped = {"status": "stopped", "step": 79, "cause": "SIGINT", "checkpoint_step": 79}
     (folder / run_log.STATUS_FILE).write_text(json.dumps(stopped))  # what a stopped run says
+
+    def drawn() -> dict[str, int]:
+        return {name: (grid / "plots" / name / benchmark.DRAWN_FILE).stat().st_mtime_ns for name in sets}
+
+    sets = ("toy2d", "dcgan-shapes")
+    drawn_before = drawn()
     result = run_benchmark("--out", str(grid), "--data-root", str(shapes_data_root), "--toy-epochs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "part a: 2 of 2 runs done before; 0 to run" in result.stdout
     assert "part c: 6 of 7 runs done before; 1 to run, 2 at once (6 done, 1 resume)" in result.stdout
     # The controls and the DCGAN sweep.
     assert "part c, controls and sweep: 2 of 2 runs done before; 0 to run" in result.stdout
+    # Figures: redrawn where a run changed (the toy and its control), else left as drawn.
+    for name in ("dcgan-shapes", "dcgan-shapes-control", "dcgan-shapes-robustness", "toy2d-robustness"):
+        assert f"figures of {name}: its runs are as when drawn" in result.stdout
+    assert "figures of toy2d:" not in result.stdout and "figures of toy2d-control:" not in result.stdout
+    drawn_after = drawn()
+    assert drawn_after["toy2d"] > drawn_before["toy2d"]
+    assert drawn_after["dcgan-shapes"] == drawn_before["dcgan-shapes"]
     assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()
     assert (folder / benchmark.DONE_MARKER).is_file()
     epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]

@@ -254,6 +254,7 @@ def fails_in_process(capsys, argv, phrase):
             "--amp fp16 needs a CUDA device; on cpu use --amp bf16",
         ),
         ("bad label range", ["--dataset", "shapes", "--real-label-range", "1.0", "0.7"], "LO <= HI"),
+        ("grid of 65", ["--grid-samples", "65"], "at most 64 images, got 65"),
     ],
 )
 def test_bad_arguments(case, arguments, phrase, tmp_path, capsys):
@@ -448,10 +449,10 @@ def test_offline_inception_stops_before_training(fake_data, tmp_path, capsys):
 
 
 def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_root, tmp_path):
-    # Batches of 2 and no sample scoring: without bf16 units (AVX2 EPYC) a bf16 step is 20-30x
-    # an fp32 one, and scoring 2,000 samples through G in bf16 took most of this test's time.
+    # Batches of 2, grids of 4 and no sample scoring: without bf16 units (AVX2 EPYC) a bf16
+    # step is 20-30x an fp32 one, and scoring samples through G in bf16 took most of this time.
     common = ["--dataset", "shapes", "--subset", 16, "--bs", 2, "--log-every", 1, "--g-opt", "casmo",
-              "--data-root", shapes_data_root, "--no-fid"]  # fmt: skip
+              "--data-root", shapes_data_root, "--no-fid", "--grid-samples", 4]  # fmt: skip
     fast = [*common, "--amp", "bf16", "--channels-last"]
     check_ok(run(*fast, "--max-steps", 2, "--out", tmp_path / "split"))
     check_ok(run(*fast, "--max-steps", 4, "--resume", tmp_path / "split"))
@@ -470,6 +471,7 @@ def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_
     assert fast_losses != [row["loss_g"] for row in read_csv(tmp_path / "fp32" / "log.csv")]
     args = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
     assert (args["amp"], args["channels_last"]) == ("bf16", True)
+    assert Image.open(tmp_path / "whole" / "samples" / "final.png").size == (2 + 4 * 66, 2 + 66)  # 4 a row
 
 
 def test_ramped_moving_average_follows_stylegan2_ada():
