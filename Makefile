@@ -42,7 +42,7 @@ test: install
 	$(PY) -m pytest -q --durations=25
 
 # The main job, small: what the benchmark compares, on one seed. The semicircle toy and a
-# 1,000-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
+# 750-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
 # and with CASMO on the generator (casmo_adam), two runs at a time; then the figures, among
 # them plots/dcgan-shapes/compare_samples.png (the two generators' samples side by side over
 # their KID curves), and results.md, which quotes the published grid's seed-to-seed spread:
@@ -50,7 +50,7 @@ test: install
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install
 	$(PY) benchmark.py --out $(DEMO) --parts a c --configs adam_adam casmo_adam --toy-seeds 1 --toy-epochs 40 \
-		--dcgan-seeds 1 --dcgan-steps 1000 --eval-every 200 --eval-samples 500 --g-ema 0 \
+		--dcgan-seeds 1 --dcgan-steps 750 --eval-every 250 --eval-samples 500 --g-ema 0 \
 		--control-configs --sweep-robustness --dcgan-sweep-robustness
 	@echo "demo: samples side by side with their KID in $(DEMO)/plots/dcgan-shapes/compare_samples.png"
 
