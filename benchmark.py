@@ -855,7 +855,9 @@ def one_seed_caveat(args: argparse.Namespace, name: str, jobs: list[Job]) -> lis
             quality = run_summary.read_numeric_csv(path)
             kid = ema_or_raw_kid(quality)[quality["step"] == step]
             values += list(kid[np.isfinite(kid)])
-        if values:
+        if len(values) == 1:
+            spreads.append(f"{config} {values[0]:.4g} (1 seed)")
+        elif values:
             spread = f"{min(values):.4g}–{max(values):.4g} (mean {np.mean(values):.4g}, {len(values)} seeds)"
             spreads.append(f"{config} {spread}")
         else:

@@ -290,6 +290,10 @@ def test_a_one_seed_set_quotes_the_published_grids_spread(tmp_path):
     assert "adam_adam 300–340 (mean 320, 3 seeds)" in caveat
     assert "; none at that step for casmo_adam." in caveat
     assert caveat.endswith("docs/benchmark_results.md.")
+    shutil.rmtree(reference / "adam_adam-s1")
+    shutil.rmtree(reference / "adam_adam-s2")
+    caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
+    assert "adam_adam 300 (1 seed); none at that step for casmo_adam." in caveat
     args.grid_reference = tmp_path / "nothing published"
     caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
     assert "has no evaluation at step 1000 to compare with. Whether CASMO helps" in caveat
