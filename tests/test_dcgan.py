@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training scripts live at the repository root
 
+import dcgan_eval  # noqa: E402
 import gan_data  # noqa: E402
 import run_log  # noqa: E402
 import sample_quality  # noqa: E402
@@ -472,6 +474,20 @@ def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_
     args = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
     assert (args["amp"], args["channels_last"]) == ("bf16", True)
     assert Image.open(tmp_path / "whole" / "samples" / "final.png").size == (2 + 4 * 66, 2 + 66)  # 4 a row
+
+
+def test_sample_grids_are_torchvisions_layout_pixel_for_pixel(tmp_path):
+    from torchvision.utils import save_image  # what the grids were drawn with before
+
+    generator = torch.Generator().manual_seed(0)
+    for count, channels in ((10, 3), (64, 3), (3, 1)):
+        images = torch.rand(count, channels, 8, 8, generator=generator) * 2 - 1
+        dcgan_eval.save_grid(images, tmp_path / "ours.png")
+        save_image(images, tmp_path / "torchvision.png", nrow=8, normalize=True, value_range=(-1, 1))
+        ours = numpy.asarray(Image.open(tmp_path / "ours.png"))
+        theirs = numpy.asarray(Image.open(tmp_path / "torchvision.png"))
+        # torchvision repeats a single channel three times; ours saves it as a grey image.
+        assert numpy.array_equal(ours if channels == 3 else numpy.repeat(ours[..., None], 3, axis=2), theirs)
 
 
 def test_ramped_moving_average_follows_stylegan2_ada():
