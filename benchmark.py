@@ -25,6 +25,7 @@ in OUT/logs/, the figures in OUT/plots/<set>/, the results in OUT/results.md (an
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -1024,8 +1025,13 @@ def drawing_inputs(command: list[str], folders: list[Path]) -> dict:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-    code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(HERE.glob("*.py")))).hexdigest()
-    return {"command": command[1:], "code": code, "files": files}
+    return {"command": command[1:], "code": code_digest(), "files": files}
+
+
+@functools.cache
+def code_digest() -> str:
+    """The SHA-256 of the scripts' sources, read once per process."""
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sorted(HERE.glob("*.py")))).hexdigest()
 
 
 def draw_sets(drawings: dict[str, Drawing], jobs: int) -> None:
