@@ -557,7 +557,12 @@ def plot_samples_side_by_side(
     ax = bottom.subplots()
     decorate(ax, kid_panel, drew=draw_compare_panel(ax, groups, kid_panel, tau=0.0))
     ax.legend(*zip(*unique_legend_entries([ax])), fontsize=8, ncol=2)
-    title = f"Samples of G and its KID (mean ± std over seeds, dashed: EMA G): {what}"
+    with_ema = any(
+        run.quality is not None and np.isfinite(run.quality["kid_ema"]).any()
+        for seeds in groups.values()
+        for run in seeds
+    )
+    title = f"Samples of G and its KID (mean ± std over seeds{', dashed: EMA G' if with_ema else ''}): {what}"
     fig.suptitle(title + (f"\n{caption}" if caption else ""))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -584,7 +589,8 @@ def draw_compare_panel(ax, groups: dict[str, list[LoggedRun]], panel: Panel, tau
     """Every configuration in its colour: the mean ± std of its seeds that did not diverge, and
     each diverged seed as a thin line ending in × where it stopped. With two series in a panel
     (G, D) the line style tells them apart, and a grey sample line per style goes into the legend."""
-    drew = any_diverged = False
+    any_diverged = False
+    drawn = set()  # the series with data in some configuration
     for config, seeds in groups.items():
         kept = [run for run in seeds if not run.diverged]
         diverged = [run for run in seeds if run.diverged]
@@ -599,11 +605,12 @@ def draw_compare_panel(ax, groups: dict[str, list[LoggedRun]], panel: Panel, tau
                 ended = draw_diverged_run(ax, curve, *style, None if labelled else label, panel.log_y)
                 labelled |= ended
                 any_diverged |= ended
-            drew |= labelled
+            if labelled:
+                drawn.add(series)
     if any_diverged:
         ax.plot([], [], color="0.3", marker="x", linestyle="none", label="diverged run: ends at ×")
-    if drew and len(panel.series) > 1:
-        for series in panel.series:
+    if len(drawn) > 1:
+        for series in (series for series in panel.series if series in drawn):
             ax.plot(
                 [],
                 [],
@@ -611,7 +618,7 @@ def draw_compare_panel(ax, groups: dict[str, list[LoggedRun]], panel: Panel, tau
                 linestyle=series.linestyle,
                 label=f"{series.label}: {linestyle_name(series.linestyle)}",
             )
-    return drew
+    return bool(drawn)
 
 
 def series_curve(run: LoggedRun, panel: Panel, series: Series, tau: float) -> tuple[np.ndarray, np.ndarray]:

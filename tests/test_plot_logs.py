@@ -633,3 +633,41 @@ def test_a_diverged_seed_ends_in_a_cross_and_does_not_cut_the_mean(with_divergen
     assert (
         plot_logs.final_kid_text(groups["adam_adam"]) == "final KID (1 seed): 3.00\n(seed 1 NaN; 1 diverged)"
     )
+
+
+def test_compare_samples_names_the_moving_average_only_when_a_run_has_one(tmp_path):
+    """With --g-ema 0 the quality log's *_ema fields are empty: no dashed curve is drawn, so
+    neither the legend nor the title may promise one."""
+    rng = np.random.default_rng(0)
+    for g_opt in ("adam", "casmo"):
+        run = make_run(tmp_path / g_opt, script="train_dcgan.py", g_opt=g_opt)
+        write_csv(
+            run / "quality.csv",
+            ["step", "kid", "kid_ema"],
+            {"step": [100, 200], "kid": [5, 4], "kid_ema": [""] * 2},
+        )
+        (run / "samples").mkdir()
+        plt.imsave(run / "samples" / "step_000200.png", rng.random((16, 16, 3)))
+    groups = run_summary.by_config(run_summary.read_runs([tmp_path], group_by=[])[0])
+    titles, legends = {}, []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep_title_and_legend(fig, path, **options):
+        titles[Path(path).name] = fig.get_suptitle()
+        legends.extend(
+            text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()
+        )
+        save(fig, path, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", keep_title_and_legend)
+        assert plot_logs.plot_samples_side_by_side(groups, tmp_path / "compare_samples.png", "dcgan")
+    assert "EMA" not in titles["compare_samples.png"]
+    assert sorted(legends) == ["adam_adam (1 seed)", "casmo_adam (1 seed)"]
+    fig, ax = plt.subplots()
+    with_ema = {"adam_adam": groups["adam_adam"]}
+    with_ema["adam_adam"][0].quality["kid_ema"] = np.array([6.0, 5.0])
+    assert plot_logs.draw_compare_panel(ax, with_ema, plot_logs.DCGAN_MEASURE_PANELS[0], tau=0.0)
+    labels = [line.get_label() for line in ax.lines]
+    assert "G: solid" in labels and "G moving average: dashed" in labels
+    plt.close(fig)
