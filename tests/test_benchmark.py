@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 import benchmark
+import benchmark_plan
+import benchmark_report
+import paired_analysis
 import plot_logs
 import run_log
 import run_summary
@@ -44,14 +47,16 @@ def test_default_grid_is_the_protocols_parts(monkeypatch):
     # A CPU with native bf16 (AMX Xeon): the grid still runs fp32, one precision for every run.
     monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (True, "mocked AMX"))
     args = benchmark.parse_args(["--stress-options", "--lr-d 8e-4"])
-    parts = {part: benchmark.plan(args, part) for part in "abc"}
+    parts = {part: benchmark_plan.plan(args, part) for part in "abc"}
     assert {part: {name: len(jobs) for name, jobs in sets.items()} for part, sets in parts.items()} == {
         "a": {"dcgan-shapes": 2 * 8},
         "b": {"dcgan-shapes-stress": 2 * 8},
         "c": {"dcgan-shapes": 2 * 5, "toy2d": 4 * 5, "toy2d-robustness": 2 * 2},
     }
     toy = parts["c"]["toy2d"]
-    assert {(job.config, job.seed) for job in toy} == {(c, s) for c in benchmark.CONFIGS for s in range(5)}
+    assert {(job.config, job.seed) for job in toy} == {
+        (c, s) for c in benchmark_plan.CONFIGS for s in range(5)
+    }
     assert all(
         "--epochs" in job.command and job.command[job.command.index("--epochs") + 1] == "200" for job in toy
     )
@@ -66,20 +71,20 @@ def test_default_grid_is_the_protocols_parts(monkeypatch):
     sweep = {job.command[job.command.index("--robustness") + 1] for job in parts["c"]["toy2d-robustness"]}
     assert sweep == {"0.0", "1.0"}
     # The demo's --g-ema 0: no EMA G; a fixed decay instead of the ramp where one is asked for.
-    assert benchmark.ema_setting(benchmark.parse_args(["--g-ema", "0"]))[0] == []
-    assert benchmark.ema_setting(benchmark.parse_args(["--g-ema", "0.999"]))[0] == ["--g-ema", "0.999"]
+    assert benchmark_plan.ema_setting(benchmark.parse_args(["--g-ema", "0"]))[0] == []
+    assert benchmark_plan.ema_setting(benchmark.parse_args(["--g-ema", "0.999"]))[0] == ["--g-ema", "0.999"]
     # Asked for, --amp auto still picks bf16 (and channels_last) where the CPU computes it natively.
-    auto = benchmark.plan(benchmark.parse_args(["--amp", "auto"]), "a")["dcgan-shapes"][0].command
+    auto = benchmark_plan.plan(benchmark.parse_args(["--amp", "auto"]), "a")["dcgan-shapes"][0].command
     assert auto[auto.index("--amp") + 1] == "bf16" and "--channels-last" in auto
 
 
 def test_amp_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(speed_settings, "native_bf16", lambda device: (False, "mocked AVX2 EPYC"))
     args = benchmark.parse_args(["--amp", "auto"])
-    command = benchmark.plan(args, "a")["dcgan-shapes"][0].command
+    command = benchmark_plan.plan(args, "a")["dcgan-shapes"][0].command
     assert command[command.index("--amp") + 1] == "off" and "--channels-last" in command
     assert args.speed_settings["chosen"] == {"amp": "off", "channels_last": True}
-    assert benchmark.plan(benchmark.parse_args(["--amp", "bf16"]), "a")["dcgan-shapes"][0].command.count(
+    assert benchmark_plan.plan(benchmark.parse_args(["--amp", "bf16"]), "a")["dcgan-shapes"][0].command.count(
         "--no-channels-last"
     )
 
@@ -89,7 +94,7 @@ def test_small_grid_and_full_dcgan_budget():
     assert (small.toy_seeds, small.toy_epochs, small.dcgan_seeds, small.sweep_robustness) == (2, 60, 1, [])
     assert (small.control_configs, small.dcgan_sweep_robustness, small.parts) == ([], [], ["a", "c"])
     assert small.out == Path("runs/benchmark-small")
-    full = benchmark.plan(
+    full = benchmark_plan.plan(
         benchmark.parse_args(["--dataset", "tinyimagenet", "--dcgan-steps", "0", "--device", "cuda"]), "a"
     )
     command = full["dcgan-tinyimagenet"][0].command
@@ -135,9 +140,9 @@ def test_part_b_takes_its_setting_from_the_command_or_the_pilot_else_refuses(
     (published / "pilot").mkdir(parents=True)
     (published / "pilot" / "pilot.json").write_text(json.dumps({"chosen": "S3", "options": "--lr-d 8e-4"}))
     args = benchmark.parse_args(command)
-    assert benchmark.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--lr-d", "8e-4"]
+    assert benchmark_plan.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--lr-d", "8e-4"]
     args = benchmark.parse_args([*command, "--stress-options", "--subset 256"])
-    assert benchmark.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--subset", "256"]
+    assert benchmark_plan.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--subset", "256"]
 
 
 def fake_runs(monkeypatch, exit_codes: dict[Path, int]) -> list[Path]:
@@ -159,20 +164,20 @@ def fake_runs(monkeypatch, exit_codes: dict[Path, int]) -> list[Path]:
         (folder / "config.json").write_text(json.dumps({"script": "train_dcgan.py", "args": {"lr_g": 2e-4}}))
         return subprocess.CompletedProcess(command, code)
 
-    monkeypatch.setattr(benchmark.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     return started
 
 
 def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path, monkeypatch, capsys):
     args = benchmark.parse_args(["--out", str(tmp_path / "out"), "--dcgan-seeds", "2", "--jobs", "1"])
-    jobs = benchmark.plan(args, "a")["dcgan-shapes"]  # seed by seed: adam_adam, casmo_adam of 0, then 1
+    jobs = benchmark_plan.plan(args, "a")["dcgan-shapes"]  # seed by seed: adam_adam, casmo_adam of 0, then 1
     before, now, finishes, fails = jobs
     before.folder.mkdir(parents=True)
     status = {"status": "diverged", "step": 120, "cause": "loss_d is nan", "checkpoint_step": 100}
     (before.folder / run_log.STATUS_FILE).write_text(json.dumps(status))
     (before.folder / "checkpoint.pt").write_bytes(b"")  # a checkpoint does not make it resumable
     (before.folder / "config.json").write_text("{}")
-    assert benchmark.state(before) == "diverged"
+    assert benchmark_plan.state(before) == "diverged"
     started = fake_runs(monkeypatch, {now.folder: 3, fails.folder: 1})
     (tmp_path / "logs").mkdir()
     ran = benchmark.run_all(jobs, args, tmp_path / "logs", "part a")
@@ -183,14 +188,14 @@ def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path,
         "diverged: dcgan-shapes/casmo_adam-s0" in printed and "failed: dcgan-shapes/casmo_adam-s1" in printed
     )
     assert benchmark.failures(ran) == [(fails, tmp_path / "logs" / "dcgan-shapes-casmo_adam-s1.log")]
-    assert [benchmark.state(job) for job in jobs] == ["diverged", "diverged", "done", "restart"]
+    assert [benchmark_plan.state(job) for job in jobs] == ["diverged", "diverged", "done", "restart"]
     # results.md counts both diverged runs with the finished one; the failed one is left out.
     compared = {}
-    monkeypatch.setattr(benchmark, "report_sets", lambda args, sets: {name: [] for name in sets})
+    monkeypatch.setattr(benchmark_report, "report_sets", lambda args, sets: {name: [] for name in sets})
     monkeypatch.setattr(
-        benchmark.paired_analysis, "results_sections", lambda sets: compared.update(sets) or ["(compared)"]
+        paired_analysis, "results_sections", lambda sets: compared.update(sets) or ["(compared)"]
     )
-    results = benchmark.write_out(args, {"dcgan-shapes": jobs}, []).read_text()
+    results = benchmark_report.write_out(args, {"dcgan-shapes": jobs}, []).read_text()
     assert compared == {"dcgan-shapes": [before.folder, now.folder, finishes.folder]}
     assert (
         "(compared)" in results and "Parts complete here: none; not run, or not complete: a, b, c." in results
@@ -209,7 +214,7 @@ def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
         candidates.update(runs)
         return "S2", ["| the pilot's table |"]
 
-    monkeypatch.setattr(benchmark.paired_analysis, "pilot_table", pilot_table)
+    monkeypatch.setattr(paired_analysis, "pilot_table", pilot_table)
     command = ["--pilot", *where(out, published, shapes_data_root)]
     assert benchmark.main(command) == 0
     printed = capsys.readouterr().out
@@ -217,7 +222,7 @@ def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
     assert "9 DCGAN runs to do (pilot: 9): about" in printed
     assert sorted(candidates) == ["S1", "S2", "S3"] and len(started) == 9
     assert candidates["S1"] == [out / "pilot" / "S1" / f"adam_adam-s{seed}" for seed in (100, 101, 102)]
-    first = benchmark.plan_pilot(benchmark.parse_args(command))["S1"][0].command
+    first = benchmark_plan.plan_pilot(benchmark.parse_args(command))["S1"][0].command
     assert first[first.index("--max-steps") + 1] == "1000" and first[-4:-2] == ["--subset", "256"]
     for root in (out, published):
         assert json.loads((root / "pilot" / "pilot.json").read_text()) == {
@@ -228,7 +233,7 @@ def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
     assert (published / "pilot" / "S3" / "adam_adam-s102" / run_log.STATUS_FILE).is_file()
     # Elsewhere, with the published folder checked out: part b runs with the pilot's choice.
     elsewhere = benchmark.parse_args(["--out", str(tmp_path / "elsewhere"), "--publish", str(published)])
-    assert benchmark.stress_options(elsewhere) == ["--lr-g", "8e-4", "--lr-d", "8e-4"]
+    assert benchmark_plan.stress_options(elsewhere) == ["--lr-g", "8e-4", "--lr-d", "8e-4"]
 
 
 def test_the_estimate_times_the_runs_to_do_by_a_run_made_here_else_a_probe(tmp_path, monkeypatch):
@@ -245,7 +250,7 @@ def test_the_estimate_times_the_runs_to_do_by_a_run_made_here_else_a_probe(tmp_p
     (run / "config.json").write_text(json.dumps(config))
     (run / "log.csv").write_text("step,steps_per_sec\n10,0.5\n20,1.0\n30,4.0\n")
     (run / "quality.csv").write_text("step,eval_seconds\n10,30\n")
-    (run / benchmark.DONE_MARKER).write_text("")
+    (run / benchmark_plan.DONE_MARKER).write_text("")
     monkeypatch.setattr(benchmark, "probe_speed", None)  # not called
     toy_only = benchmark.parse_args(["--out", str(tmp_path / "toy"), "--parts", "c", "--dcgan-seeds", "0"])
     assert benchmark.runs_to_do(toy_only, "c")["dcgan"] == 0  # no DCGAN run to sweep from
@@ -280,22 +285,22 @@ def test_a_one_seed_set_quotes_the_published_grids_spread(tmp_path):
             "1",
         ]
     )
-    jobs = benchmark.plan(args, "a")["dcgan-shapes"]
+    jobs = benchmark_plan.plan(args, "a")["dcgan-shapes"]
     for job in jobs:
         job.folder.mkdir(parents=True)
         (job.folder / "quality.csv").write_text("step,kid\n500,9\n1000,9\n")
-    assert benchmark.one_seed("dcgan-shapes", jobs)
-    caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
+    assert benchmark_report.one_seed("dcgan-shapes", jobs)
+    caveat = benchmark_report.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
     assert caveat.startswith("One seed at one budget is an illustration, not evidence: at step 1000,")
     assert "adam_adam 300–340 (mean 320, 3 seeds)" in caveat
     assert "; none at that step for casmo_adam." in caveat
     assert caveat.endswith("docs/benchmark_results.md.")
     shutil.rmtree(reference / "adam_adam-s1")
     shutil.rmtree(reference / "adam_adam-s2")
-    caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
+    caveat = benchmark_report.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
     assert "adam_adam 300 (1 seed); none at that step for casmo_adam." in caveat
     args.grid_reference = tmp_path / "nothing published"
-    caveat = benchmark.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
+    caveat = benchmark_report.one_seed_caveat(args, "dcgan-shapes", jobs)[0]
     assert "has no evaluation at step 1000 to compare with. Whether CASMO helps" in caveat
 
 
@@ -343,12 +348,12 @@ def test_part_b_without_a_stress_setting_stops_the_grid_with_part_a_written(part
 
 def test_grid_writes_runs_figures_and_results(grid):
     for name in ("toy2d", "dcgan-shapes"):
-        for config in benchmark.CONFIGS:
-            assert (grid / name / f"{config}-s0" / benchmark.DONE_MARKER).is_file()
+        for config in benchmark_plan.CONFIGS:
+            assert (grid / name / f"{config}-s0" / benchmark_plan.DONE_MARKER).is_file()
         assert (grid / "plots" / name / "comparison_2x2.png").is_file()
     results = (grid / "results.md").read_text()
     tables, compared = results.split("## Endpoints and paired comparisons")  # then paired_analysis's
-    for config in benchmark.CONFIGS:
+    for config in benchmark_plan.CONFIGS:
         # A row in the toy table, the DCGAN's two, and again in the control sets' tables.
         assert tables.count(f"| **{config}** | 0 |") == 6
     assert (
@@ -408,14 +413,14 @@ def test_a_published_run_is_skipped_and_read_where_it_is(grid, tmp_path, monkeyp
         if not (run / run_log.STATUS_FILE).is_file():  # a script that writes no status.json yet
             (run / run_log.STATUS_FILE).write_text(json.dumps(finished))
     args = benchmark.parse_args(TINY + ["--out", str(tmp_path / "out"), "--publish", str(published)])
-    toy = benchmark.plan(args, "c")["toy2d"]
-    assert {benchmark.state(job) for job in toy} == {"published"}
+    toy = benchmark_plan.plan(args, "c")["toy2d"]
+    assert {benchmark_plan.state(job) for job in toy} == {"published"}
     assert all(job.location == published / "toy2d" / job.folder.name for job in toy)
-    monkeypatch.setattr(benchmark.subprocess, "run", None)  # nothing may start
+    monkeypatch.setattr(subprocess, "run", None)  # nothing may start
     assert benchmark.run_all(toy, args, tmp_path, "part c") == []
     assert "part c: 4 of 4 runs done before; 0 to run, 2 at once (4 published)" in capsys.readouterr().out
     # The control's learning rate from the published log.csv; control.json published as it is written.
-    control = benchmark.plan_controls(args, {"toy2d": toy})["toy2d-control"][0]
+    control = benchmark_plan.plan_controls(args, {"toy2d": toy})["toy2d-control"][0]
     confidence = run_summary.read_numeric_csv(published / "toy2d" / "casmo_adam-s0" / "log.csv")["conf_g"]
     lr_g = float(control.command[control.command.index("--lr-g") + 1])
     assert lr_g == pytest.approx(2e-4 * np.nanmean(confidence), rel=1e-12)
@@ -428,7 +433,7 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     shutil.rmtree(folder)
     command = next(
         job.command
-        for job in benchmark.plan(benchmark.parse_args(TINY + ["--out", str(grid)]), "c")["toy2d"]
+        for job in benchmark_plan.plan(benchmark.parse_args(TINY + ["--out", str(grid)]), "c")["toy2d"]
         if job.folder == folder
     )
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
@@ -436,7 +441,9 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     (folder / run_log.STATUS_FILE).write_text(json.dumps(stopped))  # what a stopped run says
 
     def drawn() -> dict[str, int]:
-        return {name: (grid / "plots" / name / benchmark.DRAWN_FILE).stat().st_mtime_ns for name in sets}
+        return {
+            name: (grid / "plots" / name / benchmark_report.DRAWN_FILE).stat().st_mtime_ns for name in sets
+        }
 
     sets = ("toy2d", "dcgan-shapes")
     drawn_before = drawn()
@@ -454,7 +461,7 @@ def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, sha
     assert drawn_after["toy2d"] > drawn_before["toy2d"]
     assert drawn_after["dcgan-shapes"] == drawn_before["dcgan-shapes"]
     assert "--resume" in (grid / "logs" / "toy2d-casmo_adam-s0.log").read_text()
-    assert (folder / benchmark.DONE_MARKER).is_file()
+    assert (folder / benchmark_plan.DONE_MARKER).is_file()
     epochs = [row.split(",")[0] for row in (folder / "quality.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]
 
@@ -487,7 +494,9 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
     os.killpg(grid.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the grid and its runs get it
     assert grid.wait(timeout=300) == 130
     assert b"run the same command again" in grid.stderr.read()
-    stopped = [folder for folder in tmp_path.glob("toy2d/*") if not (folder / benchmark.DONE_MARKER).exists()]
+    stopped = [
+        folder for folder in tmp_path.glob("toy2d/*") if not (folder / benchmark_plan.DONE_MARKER).exists()
+    ]
     assert stopped and all((folder / "checkpoint.pt").is_file() for folder in stopped)
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
