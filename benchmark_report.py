@@ -226,20 +226,22 @@ def report_sets(args: argparse.Namespace, sets: dict[str, list[Job]]) -> dict[st
     rows; a control set and a sweep are drawn with the runs they are compared against."""
     plots, rows, drawings = args.out / "plots", {}, {}
     for name, set_jobs in sets.items():
-        folders, group_by = [job.location for job in set_jobs], []
+        folders, compared, group_by = [job.location for job in set_jobs], [], []
         base = sets.get(name.removesuffix(CONTROL_SUFFIX).removesuffix("-robustness"), [])
         if name.endswith(CONTROL_SUFFIX):
-            folders += [job.location for job in base]
+            compared = [job.location for job in base]
         elif name.endswith("-robustness"):
             swept, swept_seeds = {job.config for job in set_jobs}, {job.seed for job in set_jobs}
-            folders += [job.location for job in base if job.config in swept and job.seed in swept_seeds]
+            compared = [job.location for job in base if job.config in swept and job.seed in swept_seeds]
             group_by = ["robustness"]
-        runs, _ = run_summary.read_runs(folders, group_by)
+        runs, _ = run_summary.read_runs(folders + compared, group_by)
         rows[name] = run_summary.summary_rows(run_summary.comparison_sets(runs))
+        # The base runs' own figures are drawn with their set, not again beside each control.
         command = [sys.executable, "plot_logs.py", *map(str, folders), "--out", str(plots / name)]
+        command += ["--compare-with", *map(str, compared)] if compared else []
         command += ["--group-by", *group_by] if group_by else []
         command += ["--caption", ONE_SEED_CAPTION] if one_seed(name, set_jobs) else []
-        drawings[name] = Drawing(command, plots / name, drawing_inputs(command, folders))
+        drawings[name] = Drawing(command, plots / name, drawing_inputs(command, folders + compared))
     draw_sets(drawings, args.jobs if args.device == "cpu" else os.cpu_count() or 1)
     return rows
 

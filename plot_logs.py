@@ -41,6 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="RUN_DIR",
         help="run folders (a folder that holds run folders stands for all of them)",
     )
+    parser.add_argument(
+        "--compare-with",
+        nargs="+",
+        default=[],
+        type=Path,
+        metavar="RUN_DIR",
+        help="runs to compare with and tabulate, without their per-run figures (those of a main "
+        "set a control is compared with, drawn where that set is drawn)",
+    )
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for figures and tables")
     parser.add_argument(
         "--into-run",
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace) -> list[dict[str, object]]:
     """Draws every figure and writes the tables for the runs in args.run_dirs; returns the
     summary rows (summary.csv's). Raises NotARun when no folder is a readable run."""
-    runs, skipped = run_summary.read_runs(args.run_dirs, args.group_by)
+    runs, skipped = run_summary.read_runs([*args.run_dirs, *args.compare_with], args.group_by)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     if not runs:
@@ -125,7 +134,9 @@ def report(args: argparse.Namespace) -> list[dict[str, object]]:
     matplotlib.use("Agg")  # files only: the machines the runs come from have no display
     plt.rcParams.update(STYLE)
     out.mkdir(parents=True, exist_ok=True)
-    for run in tqdm(runs, desc="per-run figures", disable=len(runs) < PROGRESS_BAR_FROM):
+    own = {path.resolve() for path in run_summary.expand_run_dirs(args.run_dirs)}
+    drawn = [run for run in runs if run.path.resolve() in own]
+    for run in tqdm(drawn, desc="per-run figures", disable=len(drawn) < PROGRESS_BAR_FROM):
         plot_run(run, out / run.name, args.smooth)
 
     sets = run_summary.comparison_sets(runs)
@@ -137,7 +148,7 @@ def report(args: argparse.Namespace) -> list[dict[str, object]]:
     run_summary.write_summary_csv(rows, out / "summary.csv")
     run_summary.write_summary_md(rows, sets, out / "summary.md", args.caption)
 
-    print(f"per-run figures: {out}/<run>/ for {len(runs)} run(s): {', '.join(run.name for run in runs)}")
+    print(f"per-run figures: {out}/<run>/ for {len(drawn)} run(s): {', '.join(run.name for run in drawn)}")
     print(f"comparison figures: {', '.join(str(path) for path in compare_files)}")
     print(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}")
     return rows

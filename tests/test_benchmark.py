@@ -384,6 +384,10 @@ def test_the_control_is_adam_at_casmos_mean_step(grid):
     assert results.count("| **casmo_adam-control** | 0 |") == 3  # toy, DCGAN losses, DCGAN quality
     assert "## dcgan-shapes-robustness" in results and "(robustness=0.0)** | 0 |" in results
     assert (grid / "plots" / "dcgan-shapes-control" / "compare_samples.png").is_file()
+    # Per-run figures of the control's own runs only: the base runs' are drawn with their set.
+    for name in ("toy2d", "dcgan-shapes"):
+        drawn = [path.name for path in (grid / "plots" / f"{name}-control").iterdir() if path.is_dir()]
+        assert drawn == ["casmo_adam-control-s0"]
 
 
 def test_published_outputs_redraw_the_same_tables(grid, tmp_path):
@@ -477,7 +481,8 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
         "--sweep-robustness",
         "--control-configs",
     ]
-    command = [sys.executable, "benchmark.py", *toy_only, "--jobs", "2", "--out", str(tmp_path)]
+    command = [sys.executable, "benchmark.py", *toy_only, "--configs", "adam_adam", "casmo_adam"]
+    command += ["--jobs", "2", "--out", str(tmp_path)]  # both runs at once, both stopped mid-run
     command += ["--data-root", str(shapes_data_root)]  # the classifier trained once per session
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     grid = subprocess.Popen(

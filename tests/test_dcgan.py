@@ -379,15 +379,25 @@ def test_download_checks_the_md5_and_extracts(tmp_path, monkeypatch, capsys):
 # Sample quality, the generator's moving average and the gradient noise ratio
 
 MEASURED = ["--dataset", "shapes", "--subset", 48, "--bs", 8, "--log-every", 1, "--eval-every", 3,
-            "--eval-samples", 100, "--g-ema", 0.9, "--g-opt", "casmo"]  # fmt: skip
+            "--eval-samples", 20, "--g-ema", 0.9, "--g-opt", "casmo"]  # fmt: skip
 
 
-def test_short_run_evaluates_every_new_column(shapes_data_root, tmp_path):
-    out = tmp_path / "run"
-    check_ok(run(*MEASURED, "--max-steps", 6, "--data-root", shapes_data_root, "--out", out, measures=True))
+@pytest.fixture(scope="module")
+def measured_runs(shapes_data_root, tmp_path_factory) -> tuple[Path, Path]:
+    """MEASURED's runs of 6 steps: one stopped at step 3 and resumed, one whole."""
+    folder = tmp_path_factory.mktemp("measured")
+    common = [*MEASURED, "--data-root", shapes_data_root]
+    check_ok(run(*common, "--max-steps", 3, "--out", folder / "split", measures=True))
+    check_ok(run(*common, "--max-steps", 6, "--resume", folder / "split", measures=True))
+    check_ok(run(*common, "--max-steps", 6, "--out", folder / "whole", measures=True))
+    return folder / "split", folder / "whole"
+
+
+def test_short_run_evaluates_every_new_column(measured_runs):
+    out = measured_runs[1]
     rows = read_csv(out / "quality.csv")
     assert [row["step"] for row in rows] == ["3", "6"]
-    # kid_std is NaN: 48 real and 100 generated images fit in one KID subset.
+    # kid_std is NaN: 48 real and 20 generated images fit in one KID subset.
     assert all(row["kid_std"] == row["kid_std_ema"] == "nan" for row in rows)
     for name in set(run_log.DCGAN_QUALITY_COLUMNS) - {"kid_std", "kid_std_ema"}:
         assert all(math.isfinite(float(row[name])) for row in rows), name
@@ -399,17 +409,14 @@ def test_short_run_evaluates_every_new_column(shapes_data_root, tmp_path):
     assert (out / "samples" / "ema" / "final.png").is_file()
 
 
-def test_moving_average_and_noise_ratios_resume_exactly(shapes_data_root, tmp_path):
-    common = [*MEASURED, "--eval-samples", 20, "--data-root", shapes_data_root]
-    check_ok(run(*common, "--max-steps", 3, "--out", tmp_path / "split", measures=True))
-    check_ok(run(*common, "--max-steps", 6, "--resume", tmp_path / "split", measures=True))
-    check_ok(run(*common, "--max-steps", 6, "--out", tmp_path / "whole", measures=True))
-    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+def test_moving_average_and_noise_ratios_resume_exactly(measured_runs):
+    split_folder, whole_folder = measured_runs
+    split = torch.load(split_folder / "checkpoint.pt", weights_only=True)
+    whole = torch.load(whole_folder / "checkpoint.pt", weights_only=True)
     for name, tensor in whole["g_ema"].items():
         assert torch.equal(split["g_ema"][name], tensor), name
-    assert untimed(tmp_path / "split" / "quality.csv") == untimed(tmp_path / "whole" / "quality.csv")
-    assert untimed(tmp_path / "split" / "log.csv") == untimed(tmp_path / "whole" / "log.csv")
+    assert untimed(split_folder / "quality.csv") == untimed(whole_folder / "quality.csv")
+    assert untimed(split_folder / "log.csv") == untimed(whole_folder / "log.csv")
 
 
 def test_score_images_prints_one_json_line(shapes_data_root, tmp_path, capsys):

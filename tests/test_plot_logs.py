@@ -415,6 +415,19 @@ def test_a_folder_of_runs_stands_for_its_runs(tmp_path):
     ]
 
 
+def test_runs_compared_with_join_the_tables_and_comparisons_without_their_own_figures(tmp_path):
+    control = make_run(tmp_path / "control" / "c", g_opt="adam", steps=50)
+    for name in ("adam", "casmo"):
+        make_run(tmp_path / "base" / name, g_opt=name, steps=50)
+    out = tmp_path / "out"
+    code, printed = run_main([str(control), "--compare-with", str(tmp_path / "base"), "--out", str(out)])
+    assert code == 0 and "per-run figures: " in printed and "for 1 run(s): c" in printed
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["c"]
+    rows = summary_rows(out)
+    assert {row["name"] for row in rows if row["scope"] == "run"} == {"c", "adam", "casmo"}
+    assert is_png(out / "comparison_2x2.png")
+
+
 def test_output_inside_a_run_folder_needs_into_run(tmp_path):
     run = make_run(tmp_path / "run", steps=50)
     with pytest.raises(SystemExit, match="--into-run"):
