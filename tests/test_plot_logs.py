@@ -553,6 +553,24 @@ def test_a_labelled_run_is_its_own_configuration_and_dcgan_grids_go_side_by_side
 CAPTION = "One seed each: no interval."
 
 
+@contextlib.contextmanager
+def saved_titles_and_legends():
+    """Records each figure saved meanwhile: its suptitle by file name, and its legends' texts."""
+    titles, legends = {}, []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, **options):
+        titles[Path(path).name] = fig.get_suptitle()
+        legends.extend(
+            text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()
+        )
+        save(fig, path, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", keep)
+        yield titles, legends
+
+
 @pytest.fixture(scope="module")
 def with_divergence(tmp_path_factory) -> dict:
     """adam_adam: seed 0 whole, seed 1 without KID, seed 2 diverged at step 150 (its logs end
@@ -575,13 +593,6 @@ def with_divergence(tmp_path_factory) -> dict:
         (run / "samples").mkdir()
         for step in steps:
             plt.imsave(run / "samples" / f"step_{step:06d}.png", rng.random((16, 16, 3)))
-    titles = {}
-    save = matplotlib.figure.Figure.savefig
-
-    def keep_title(fig, path, **options):
-        titles[Path(path).name] = fig.get_suptitle()
-        save(fig, path, **options)
-
     out = tmp_path_factory.mktemp("out")
     runs, skipped = run_summary.read_runs([root], group_by=[])
     sets = run_summary.comparison_sets(runs)
@@ -589,8 +600,7 @@ def with_divergence(tmp_path_factory) -> dict:
     run_summary.write_summary_csv(rows, out / "summary.csv")
     run_summary.write_summary_md(rows, sets, out / "summary.md", CAPTION)
     plot_logs.plot_run(next(run for run in runs if run.name == "aa_s2"), out / "aa_s2", smooth=0.02)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(matplotlib.figure.Figure, "savefig", keep_title)
+    with saved_titles_and_legends() as (titles, _):
         drawn = plot_logs.plot_samples_side_by_side(
             run_summary.by_config(runs), out / "compare_samples.png", "dcgan", CAPTION
         )
@@ -662,18 +672,7 @@ def test_compare_samples_names_the_moving_average_only_when_a_run_has_one(tmp_pa
         (run / "samples").mkdir()
         plt.imsave(run / "samples" / "step_000200.png", rng.random((16, 16, 3)))
     groups = run_summary.by_config(run_summary.read_runs([tmp_path], group_by=[])[0])
-    titles, legends = {}, []
-    save = matplotlib.figure.Figure.savefig
-
-    def keep_title_and_legend(fig, path, **options):
-        titles[Path(path).name] = fig.get_suptitle()
-        legends.extend(
-            text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()
-        )
-        save(fig, path, **options)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(matplotlib.figure.Figure, "savefig", keep_title_and_legend)
+    with saved_titles_and_legends() as (titles, legends):
         assert plot_logs.plot_samples_side_by_side(groups, tmp_path / "compare_samples.png", "dcgan")
     assert "EMA" not in titles["compare_samples.png"]
     assert sorted(legends) == ["adam_adam (1 seed)", "casmo_adam (1 seed)"]
