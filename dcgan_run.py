@@ -239,15 +239,22 @@ def trajectory(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in TRAJECTORY_ARGS}
 
 
-def resume(training: Training) -> None:
-    """Loads the checkpoint into the nets, counters, sums and RNG streams."""
-    session, counters = training.session, training.counters
-    path = session.run_dir / "checkpoint.pt"
+def read_checkpoint(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The checkpoint --resume continues, checked against the run's settings. Read before the
+    data and the feature space are prepared, so that a damaged or foreign checkpoint is
+    refused at once, not after the shapes classifier's training."""
+    path = run_dir / "checkpoint.pt"
     checkpoint = gan_common.load_checkpoint(path)
     recorded = {**ADDED_TRAJECTORY_ARGS, **(checkpoint.get("trajectory_args") or {})}
-    if checkpoint.get("kind") != "dcgan" or recorded != trajectory(session.args):
-        raise RunError(f"{path} is not a checkpoint of the run in {session.run_dir / 'config.json'}")
-    training.nets.load_state_dicts(checkpoint, path)
+    if checkpoint.get("kind") != "dcgan" or recorded != trajectory(args):
+        raise RunError(f"{path} is not a checkpoint of the run in {run_dir / 'config.json'}")
+    return checkpoint
+
+
+def resume(training: Training, checkpoint: dict) -> None:
+    """Loads the checkpoint into the nets, counters, sums and RNG streams."""
+    session, counters = training.session, training.counters
+    training.nets.load_state_dicts(checkpoint, session.run_dir / "checkpoint.pt")
     training.status.checkpoint_step = checkpoint["step"]
     counters.step, counters.epoch = checkpoint["step"], checkpoint["epoch"]
     counters.batch_in_epoch, counters.d_figures = checkpoint["batch_in_epoch"], checkpoint["d_figures"]
@@ -276,14 +283,15 @@ def resume(training: Training) -> None:
     gan_common.seed_everything(hash((session.args.seed, ranks.rank, counters.step)) % 2**32)
 
 
-def start_or_resume(session: Session, nets: Nets) -> Training:
-    """A new run's state, or the checkpoint's with --resume; the step this session stops at."""
+def start_or_resume(session: Session, nets: Nets, checkpoint: dict | None) -> Training:
+    """A new run's state, or with --resume the checkpoint's (read_checkpoint); the step this
+    session stops at."""
     ranks = session.ranks
     watch = gan_common.DivergenceWatch(("loss_d", "loss_g"), ranks.device)
     status = run_log.RunStatus(session.run_dir, None, ranks.is_main)
     training = Training(session, nets, Counters(), IntervalSums.zeros(ranks.device), watch, status)
-    if session.args.resume is not None:
-        resume(training)
+    if checkpoint is not None:
+        resume(training, checkpoint)
     counters, args = training.counters, session.args
     # The epochs left at this world size; with one world size throughout, this is
     # --epochs x steps per epoch.

@@ -65,6 +65,7 @@ from dcgan_run import (
     open_logs,
     prepare_session,
     quality_reference,
+    read_checkpoint,
     save,
     start_or_resume,
 )
@@ -582,9 +583,10 @@ def train(args: argparse.Namespace) -> None:
     if args.resume is not None:
         run_log.check_resumable(run_dir)
     gan_common.check_run_folder(run_dir, resuming=args.resume is not None)
+    checkpoint = None if args.resume is None else read_checkpoint(args, run_dir)
     session = prepare_session(args, ranks, run_dir)
     session.speed_settings = speed
-    training = start_or_resume(session, build_nets(args, ranks))
+    training = start_or_resume(session, build_nets(args, ranks), checkpoint)
     write_config(session)
     counters, nets = training.counters, training.nets
     if counters.step >= counters.total_steps:

@@ -221,8 +221,9 @@ def test_damaged_dataset_folders(fake_data, tmp_path):
 
 
 def write_fake_run(folder: Path, checkpoint_bytes: bytes | None = None, payload: dict | None = None) -> Path:
+    data_root = folder.parent / "data"  # shared by the fake runs of a test; nothing should write it
     args = train_dcgan.build_parser().parse_args(
-        ["--dataset", "shapes", "--subset", "32", "--out", str(folder)]
+        ["--dataset", "shapes", "--subset", "32", "--out", str(folder), "--data-root", str(data_root)]
     )
     folder.mkdir()
     config = {"script": "train_dcgan.py", "args": vars(args)}
@@ -277,6 +278,8 @@ def test_bad_resume_folders(tmp_path, capsys):
     fails_in_process(capsys, ["--resume", started], "cannot be resumed")
     # The same, as a user meets it: a short message and no traceback.
     check_fails(run("--resume", corrupt), "cannot read checkpoint")
+    # Refused before the data or the feature space (the shapes classifier's training) are prepared.
+    assert not (tmp_path / "data").exists()
 
 
 def test_shapes_are_seeded_rgb_images():
