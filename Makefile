@@ -38,8 +38,11 @@ $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 $(VENV)/pip.conf: venv-pip.conf | $(VENV)/.deps
 	cp venv-pip.conf $@
 
+# Two workers (pytest-xdist), each on one thread, a test file each at a time (a file's
+# runs are shared by its tests). Files start in name order, not largest first, so that
+# test_benchmark.py, the longest, starts at once and the rest fills the other worker.
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The main job, small: what the benchmark compares, on one seed. The semicircle toy and a
 # 750-step DCGAN on the built-in shapes data, each with Adam on both networks (adam_adam)
