@@ -4,6 +4,7 @@ run folder, checkpoints, RNG state), stopping on a signal, the CSV log and the m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -473,10 +475,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """A temporary file beside `path` to write, renamed onto `path` when the block ends
+    without an error (and removed when it does not): a crash mid-write keeps the old file.
+    Its name is unique, so two processes writing the same path at once (two runs of a grid
+    caching the same real images' features) each rename a complete file of their own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its files are private (0600), and a checkpoint or log is not.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_checkpoint(path: Path, payload: dict, finite: tuple[str, ...] = ()) -> None:
@@ -487,12 +507,8 @@ def save_checkpoint(path: Path, payload: dict, finite: tuple[str, ...] = ()) -> 
     for name in finite:
         if not all_finite(state_tensors(payload[name])):
             raise Diverged(payload["step"], f"{name} state is not finite")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -672,11 +688,10 @@ class CSVLog:
             return  # as the run left it: nothing to rewrite
         backup = free_name(Path(f"{self.path}.bak"))
         shutil.copy2(self.path, backup)
-        with open(f"{self.path}.tmp", "w", newline="") as handle:
+        with atomic_file(self.path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(f"{self.path}.tmp", self.path)
         parts = [f"{unreadable} row(s) that do not parse"] if unreadable else []
         parts += [f"{later} row(s) past the checkpoint's step {step} (logged again)"] if later else []
         if parts:

@@ -490,9 +490,11 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
     )
     deadline = time.monotonic() + 300
 
-    # Mid-run: a log row written (the toy checkpoints only every 10 epochs and when stopped).
+    # Both mid-run: a log row written by each (the toy checkpoints only every 10 epochs and
+    # when stopped; a run stopped before its first step has no checkpoint, and is restarted).
     def logging() -> bool:
-        return any(len(log.read_text().splitlines()) > 2 for log in tmp_path.glob("toy2d/*/log.csv"))
+        logs = list(tmp_path.glob("toy2d/*/log.csv"))
+        return len(logs) == 2 and all(len(log.read_text().splitlines()) > 2 for log in logs)
 
     while not logging() and time.monotonic() < deadline:
         time.sleep(0.2)

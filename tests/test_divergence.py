@@ -74,7 +74,22 @@ def test_a_checkpoint_of_a_non_finite_state_is_not_written(tmp_path):
     with pytest.raises(gan_common.Diverged) as found:
         gan_common.save_checkpoint(path, payload, finite=("opt_g",))
     assert (found.value.step, found.value.cause) == (9, "opt_g state is not finite")
-    assert path.read_bytes() == before and not Path(f"{path}.tmp").exists()
+    assert path.read_bytes() == before and [file.name for file in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_two_writers_of_one_path_each_rename_a_complete_file(tmp_path):
+    # Two runs of a grid cache the same real images' features at once: their writes overlap.
+    path = tmp_path / "features.pt"
+    with gan_common.atomic_file(path) as first:
+        first.write_text("first")
+        with gan_common.atomic_file(path) as second:
+            second.write_text("second")
+        assert path.read_text() == "second"
+    assert path.read_text() == "first"
+    with pytest.raises(OSError), gan_common.atomic_file(path) as failed:
+        failed.write_text("partial")
+        raise OSError("disk full")
+    assert path.read_text() == "first" and [file.name for file in tmp_path.iterdir()] == ["features.pt"]
 
 
 def test_status_json_round_trip_and_a_diverged_run_is_not_resumable(tmp_path, capsys):
