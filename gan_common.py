@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -407,9 +408,29 @@ def check_writable_folder(folder: Path, option: str) -> None:
         )
 
 
+def code_version() -> dict | None:
+    """The git commit the scripts ran from and whether tracked files differed from it (a
+    run of modified code cannot be remade from the commit alone); None outside a checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *arguments], cwd=here, capture_output=True, text=True, timeout=30)
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):  # no git, or a hung file system
+        return None
+    if commit.returncode != 0 or status.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
 def environment() -> dict:
-    """The machine record of casmo_ext.bench and the command line, for config.json."""
-    return {**machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    """The machine record of casmo_ext.bench, the code's version and the command line, for
+    config.json."""
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    return {**machine(), "code": code_version(), "command": command}
 
 
 def write_config(run_dir: Path, script: str, args: argparse.Namespace, device: torch.device, **facts) -> None:

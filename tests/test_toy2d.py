@@ -151,6 +151,12 @@ def test_run_writes_every_output(adam_run):
     config = json.loads((adam_run / "config.json").read_text())
     assert config["script"] == "train_toy2d.py" and config["args"]["epochs"] == 2
     assert config["device"] == "cpu" and "torch" in config["environment"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the run names its commit
+        assert config["environment"]["code"]["commit"] == head.stdout.strip()
+        assert isinstance(config["environment"]["code"]["modified"], bool)
+    else:
+        assert config["environment"]["code"] is None
 
 
 def test_log_of_an_adam_run(adam_run):
