@@ -139,7 +139,7 @@ DCGAN_COLUMNS = [
     ("wild oscillation", "wild_oscillation"),
     ("steps/s", "steps_per_sec_median"),
 ]
-# With 95% t-intervals over seeds.
+# With 95% intervals over seeds (run_summary.aggregate's).
 DCGAN_QUALITY_COLUMNS = [
     (f"{title}{suffix_title}", f"{column}{suffix}_final")
     for suffix, suffix_title in (("", ""), ("_ema", ", EMA G"))
@@ -209,8 +209,9 @@ def results_header(
         f"made on: {', '.join(f'{cpu} ({count})' for cpu, count in machines.items()) or 'none'}.",
         f"DCGAN speed settings: --amp {args.amp}, channels_last {args.channels_last} "
         f"({args.speed_settings['why']}).",
-        "Losses and checks: mean ± sample std over seeds; sample quality: mean [95% t-interval "
-        "over seeds] (plot_logs.py's summary.csv, configuration rows).",
+        "Losses and checks: mean ± sample std over seeds; sample quality: mean [95% interval over "
+        "seeds: bootstrap percentile for precision, recall and modes, which have a range; t for the "
+        "others] (plot_logs.py's summary.csv, configuration rows).",
         "",
     ]
 

@@ -23,13 +23,20 @@ import scipy.stats
 
 import run_summary
 from gan_common import RunError
-from run_summary import CONTROL_SUFFIX, Columns, NotARun, number
+from run_summary import (
+    ALPHA,  # also the p below which a failure split separates
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONTROL_SUFFIX,
+    Columns,
+    NotARun,
+    bootstrap_interval,
+    number,
+    t_interval,
+)
 
 BASELINE = "adam_adam"
 STRESS_MARK = "stress"  # a setting whose name holds it is the stress setting (dcgan-shapes-stress)
-ALPHA = 0.05  # 95% intervals; a failure split with an exact p below this separates
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
 FINAL_STATUSES = ("finished", "diverged")  # a run still running or stopped has no endpoints yet
 # The answers of the protocol's "What would count as which answer".
 STABILISES, SMALLER_STEP, WORSE, NOT_SEPARATED = (
@@ -107,22 +114,6 @@ def read_endpoints(paths: list[Path], notes: list[str]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
-
-
-def t_interval(values: np.ndarray) -> tuple[float, float]:
-    """The 95% t-interval of the mean (n − 1 degrees of freedom); NaN below two values."""
-    half = run_summary.t_interval_half_width(values)
-    return (values.mean() - half, values.mean() + half) if math.isfinite(half) else (math.nan, math.nan)
-
-
-def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
-    """The 95% bootstrap percentile interval of the mean (BOOTSTRAP_RESAMPLES resamples, generator
-    BOOTSTRAP_SEED): it stays within the values' range. NaN below two values."""
-    if len(values) < 2:
-        return math.nan, math.nan
-    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
-    low, high = np.percentile(values[picks].mean(axis=1), [50 * ALPHA, 100 - 50 * ALPHA])
-    return float(low), float(high)
 
 
 def wilcoxon_p(differences: np.ndarray) -> float:

@@ -38,6 +38,12 @@ D_STUCK_MAX_CHANGE = 0.1  # ... and within this of its initial value: D never le
 STABLE_MAX_CV = 0.2  # std / |mean| of the last 20 % of D and G loss below this: stabilised
 G_TREND_MIN_CHANGE = 0.05  # fitted change over the last half, relative to its mean level; less is "flat"
 WILD_OSCILLATION_RATIO = 0.5  # std of row-to-row changes / mean |loss| above this (D or G): wild
+ALPHA = 0.05  # 95% intervals
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+# Measures with a range (shares of 0-1, a count of classes): a t-interval of their mean over a few
+# seeds can leave it; a bootstrap percentile interval cannot.
+BOUNDED_MEASURES = ("precision", "recall", "coverage", "modes_covered")
 QUALITY_LAST_N = 3  # quality is also averaged over the last 3 evaluations
 
 # The order in which tables and figures list the configurations; a control follows its own.
@@ -519,7 +525,8 @@ def summary_rows(sets: dict[str, list[LoggedRun]]) -> list[dict[str, object]]:
 
 def aggregate(summaries: list[dict[str, object]], seeds: list[object]) -> dict[str, object]:
     """Numbers: mean, with the sample std over seeds in "<name>_std" (NaN for one seed) and the
-    95% t-interval's half width in "<name>_ci95". Verdicts: how many seeds said yes ("2/3"); the
+    95% interval of the mean in "<name>_ci95_low" and "_high" (a bootstrap one for the measures
+    with a range, see `bounded`; else a t-interval). Verdicts: how many seeds said yes ("2/3"); the
     G trend: the common word or the counts. Where some seeds have no value (a non-finite number,
     a verdict "n/a") and others do, "<name>_nan_seeds" lists them ("1,2"): the mean and the
     counts are of the other seeds."""
@@ -543,19 +550,36 @@ def aggregate(summaries: list[dict[str, object]], seeds: list[object]) -> dict[s
             finite = numbers[np.isfinite(numbers)]
             combined[key] = float(finite.mean()) if len(finite) else math.nan
             combined[f"{key}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
-            combined[f"{key}_ci95"] = t_interval_half_width(finite)
+            interval = bootstrap_interval if bounded(key) else t_interval
+            combined[f"{key}_ci95_low"], combined[f"{key}_ci95_high"] = interval(finite)
         if any(missing) and not all(missing):
             combined[f"{key}_nan_seeds"] = ",".join(str(seed) for seed, gone in zip(seeds, missing) if gone)
     return combined
 
 
-def t_interval_half_width(values: np.ndarray) -> float:
-    """Half the width of the 95% t-interval of the mean over seeds (NaN for one seed)."""
+def bounded(key: str) -> bool:
+    """Whether a summary number ("recall_ema_final") is one of BOUNDED_MEASURES."""
+    return key.rsplit("_", 1)[0].removesuffix("_ema") in BOUNDED_MEASURES
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% t-interval of the mean (n − 1 degrees of freedom); NaN below two values."""
     if len(values) < 2:
-        return math.nan
+        return math.nan, math.nan
     import scipy.stats  # here: the training scripts import this module, and scipy.stats takes a second
 
-    return float(scipy.stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    half = scipy.stats.t.ppf(1 - ALPHA / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% bootstrap percentile interval of the mean (BOOTSTRAP_RESAMPLES resamples, generator
+    BOOTSTRAP_SEED): it stays within the values' range. NaN below two values."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
+    low, high = np.percentile(values[picks].mean(axis=1), [50 * ALPHA, 100 - 50 * ALPHA])
+    return float(low), float(high)
 
 
 def write_summary_csv(rows: list[dict[str, object]], path: Path) -> None:
@@ -658,11 +682,11 @@ def markdown_cell(row: dict[str, object], key: str) -> str:
 
 
 def interval_cell(row: dict[str, object], key: str) -> str:
-    """The mean and its 95% t-interval over seeds, "0.412 [0.371, 0.453]"."""
-    value, half = row.get(key, math.nan), row.get(f"{key}_ci95", math.nan)
-    if not isinstance(value, float) or not math.isfinite(half):
+    """The mean and its 95% interval over seeds, "0.412 [0.371, 0.453]"."""
+    value, low, high = (row.get(key + suffix, math.nan) for suffix in ("", "_ci95_low", "_ci95_high"))
+    if not isinstance(value, float) or not math.isfinite(low):
         return markdown_cell(row, key)
-    return f"{number(value)} [{number(value - half)}, {number(value + half)}]" + missing_seeds_note(row, key)
+    return f"{number(value)} [{number(low)}, {number(high)}]" + missing_seeds_note(row, key)
 
 
 def missing_seeds_note(row: dict[str, object], key: str) -> str:
@@ -692,7 +716,10 @@ LOSS_CAPTION = (
 )
 MEASURES_CAPTION = (
     "The last evaluation in quality.csv. Bold rows: the mean over seeds and, in brackets, its 95% "
-    "t-interval (scipy.stats.t, n − 1 degrees of freedom); the other rows are single runs. DCGAN: KID "
+    "interval: for precision, recall, coverage and modes covered, which have a range, the bootstrap "
+    f"percentile interval ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, generator seed "
+    f"{BOOTSTRAP_SEED}), which cannot leave it; for the others the t-interval (n − 1 degrees of "
+    "freedom). The other rows are single runs. DCGAN: KID "
     "and FID in the feature space config.json names (shapes-cnn: the shapes classifier's, not comparable "
     "with Inception FIDs), k-NN precision, recall, density and coverage (k = 3) in the same space, and "
     "on shapes the classes with at least 5 confidently classified samples (modes covered) and the KL "

@@ -16,6 +16,7 @@ from test_plot_logs import make_run, write_csv
 
 import paired_analysis
 import run_log
+import run_summary
 from paired_analysis import NOT_SEPARATED, SMALLER_STEP, STABILISES, WORSE, verdict
 
 STEPS = [100, 200, 300, 400]  # evaluations of a 400-step run: its KID area is over 200, 300, 400
@@ -125,21 +126,21 @@ def test_paired_kid_difference_t_interval_and_wilcoxon(tmp_path):
 
 def test_bootstrap_interval_stays_in_the_measures_range():
     values = np.array([0.0, 0.0, 36.0])  # classes covered: bounded by 0 and 36
-    low, high = paired_analysis.bootstrap_interval(values)
+    low, high = run_summary.bootstrap_interval(values)
     assert 0 <= low <= values.mean() <= high <= 36
-    assert paired_analysis.t_interval(values)[0] < 0  # what a t-interval would do here
+    assert run_summary.t_interval(values)[0] < 0  # what a t-interval would do here
     picks = np.random.default_rng(0).integers(0, 3, (10_000, 3))  # the protocol's resampling
     assert (low, high) == tuple(np.percentile(values[picks].mean(axis=1), [2.5, 97.5]))
     differences = np.array([-36.0, 36.0, 36.0])
-    assert -36 <= paired_analysis.bootstrap_interval(differences)[0]
+    assert -36 <= run_summary.bootstrap_interval(differences)[0]
 
 
 def test_wilcoxon_and_intervals_are_n_a_without_enough_pairs():
     assert math.isnan(paired_analysis.wilcoxon_p(np.array([0.0, 0.0, 0.0])))
     assert math.isnan(paired_analysis.wilcoxon_p(np.array([2.0])))
     assert paired_analysis.wilcoxon_p(np.array([1.0, 2.0, 3.0])) == 0.25
-    assert all(math.isnan(x) for x in paired_analysis.bootstrap_interval(np.array([1.0])))
-    assert all(math.isnan(x) for x in paired_analysis.t_interval(np.array([1.0])))
+    assert all(math.isnan(x) for x in run_summary.bootstrap_interval(np.array([1.0])))
+    assert all(math.isnan(x) for x in run_summary.t_interval(np.array([1.0])))
 
 
 def test_failure_split_is_mcnemar_exact():

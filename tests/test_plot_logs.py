@@ -81,7 +81,11 @@ def make_run(
             folder / "quality.csv",
             names,
             {name: [1, 2, 3, 4] for name in names}
-            | {"diversity_ratio": [0.5, 0.6, 0.7, 0.8], "kid": [9, 7, 5, 3 + seed]},
+            | {
+                "diversity_ratio": [0.5, 0.6, 0.7, 0.8],
+                "kid": [9, 7, 5, 3 + seed],
+                "recall": [0, 0, 0, seed / 50],
+            },
         )
     return folder
 
@@ -287,15 +291,20 @@ def test_summary_md_is_a_markdown_table_with_definitions(plotted):
 
 
 def test_sample_measures_get_a_95_percent_interval_over_seeds(plotted):
-    """dc_ac_s0 and dc_ac_s1 end at KID 3 and 4: mean 3.5, t-interval 12.706 x 0.707 / 1.414 either side."""
+    """dc_ac_s0 and dc_ac_s1 end at KID 3 and 4: mean 3.5, t-interval 12.706 x 0.707 / 1.414 either
+    side. Their recall, 0 and 0.02, has a range: a bootstrap interval, where a t-interval would
+    reach -0.12."""
     rows = summary_rows(plotted["out"])
     config = next(row for row in rows if row["scope"] == "configuration" and row["name"] == "adam_casmo")
     assert float(config["kid_final"]) == 3.5
-    assert float(config["kid_final_ci95"]) == pytest.approx(
-        12.706 * np.std([3, 4], ddof=1) / np.sqrt(2), rel=1e-3
-    )
+    half = 12.706 * np.std([3, 4], ddof=1) / np.sqrt(2)
+    assert float(config["kid_final_ci95_low"]) == pytest.approx(3.5 - half, rel=1e-3)
+    assert float(config["kid_final_ci95_high"]) == pytest.approx(3.5 + half, rel=1e-3)
+    assert float(config["recall_final_ci95_low"]) == 0 and float(config["recall_final_ci95_high"]) == 0.02
     text = (plotted["out"] / "summary.md").read_text()
     assert "| **adam_casmo** | 0,1 | 0/2 | 3.50 [-2.85, 9.85] |" in text  # seeds, diverged, KID
+    assert "| 0.0100 [0.00, 0.0200] |" in text  # recall
+    assert "bootstrap percentile interval" in text
 
 
 def test_skipped_folders_are_reported_with_the_reason(plotted):
