@@ -53,6 +53,7 @@ import sample_quality
 import speed_settings
 from benchmark_plan import (
     CONFIGS,
+    DCGAN_BATCH,
     DONE_MARKER,
     FINISHED,
     HERE,
@@ -443,7 +444,7 @@ def grid_estimate(args: argparse.Namespace) -> str:
         except NoStressSetting:
             note = "; the grid stops before part b, which needs its stress setting (--pilot)"
             break
-    steps = args.dcgan_steps or args.dcgan_epochs * math.ceil(args.subset / 16)  # batch 16
+    steps = args.dcgan_steps or args.dcgan_epochs * (args.subset // DCGAN_BATCH)
     return estimate(args, todo, steps, note)
 
 

@@ -43,6 +43,7 @@ PARTS = {
 STRESS_CANDIDATES = {"S1": "--subset 256", "S2": "--lr-g 8e-4 --lr-d 8e-4", "S3": "--lr-d 8e-4"}
 PILOT_SEEDS = (100, 101, 102)  # not the grid's seeds, so that the choice is not fitted to them
 PILOT_STEPS = 1000
+DCGAN_BATCH = 16  # train_dcgan.py's default --bs, which every grid run keeps
 FINISHED = ("done", "diverged", "published")  # the states of a run with a result
 
 
@@ -109,11 +110,23 @@ def dcgan_job(
     command += ["--amp", args.amp, "--channels-last" if args.channels_last else "--no-channels-last"]
     command += ["--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples)]
     command += [*ema_setting(args)[0], "--sample-every", str(args.eval_every), "--log-every", "10"]
-    steps = args.dcgan_steps if steps is None else steps
-    budget = ["--epochs", str(args.dcgan_epochs)] + (["--max-steps", str(steps)] if steps else [])
+    budget = step_budget(args, args.dcgan_steps if steps is None else steps, options)
     command += ["--device", args.device, *budget, *options, "--out", str(folder)]
     resume = [python, "train_dcgan.py", "--resume", str(folder), *budget]
     return Job(folder, command, resume, config, seed, published_copy(args, folder))
+
+
+def step_budget(args: argparse.Namespace, steps: int, options: tuple[str, ...]) -> list[str]:
+    """train_dcgan.py's --epochs and --max-steps. A run of `steps` steps gets as many epochs as
+    they take on its own --subset (a stress setting's may be smaller), so that --dcgan-epochs
+    cannot end it first; without `steps`, --dcgan-epochs."""
+    if not steps:
+        return ["--epochs", str(args.dcgan_epochs)]
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--subset", type=int, default=args.subset)
+    steps_per_epoch = max(1, own.parse_known_args(list(options))[0].subset // DCGAN_BATCH)
+    epochs = max(args.dcgan_epochs, math.ceil(steps / steps_per_epoch))
+    return ["--epochs", str(epochs), "--max-steps", str(steps)]
 
 
 def ema_setting(args: argparse.Namespace) -> tuple[list[str], str]:

@@ -142,7 +142,14 @@ def test_part_b_takes_its_setting_from_the_command_or_the_pilot_else_refuses(
     args = benchmark.parse_args(command)
     assert benchmark_plan.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--lr-d", "8e-4"]
     args = benchmark.parse_args([*command, "--stress-options", "--subset 256"])
-    assert benchmark_plan.plan(args, "b")["dcgan-shapes-stress"][0].command[-4:-2] == ["--subset", "256"]
+    stress = benchmark_plan.plan(args, "b")["dcgan-shapes-stress"][0]
+    assert stress.command[-4:-2] == ["--subset", "256"]
+    # 2,000 steps of 16 images from 256: 125 epochs, or the default 50 would stop it at 800.
+    for stress_command in (stress.command, stress.resume_command):
+        assert " --epochs 125 --max-steps 2000" in " ".join(stress_command)
+    assert " --epochs 50 --max-steps 2000 " in " ".join(
+        benchmark_plan.plan(args, "a")["dcgan-shapes"][0].command
+    )
 
 
 def fake_runs(monkeypatch, exit_codes: dict[Path, int]) -> list[Path]:
@@ -224,6 +231,7 @@ def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
     assert candidates["S1"] == [out / "pilot" / "S1" / f"adam_adam-s{seed}" for seed in (100, 101, 102)]
     first = benchmark_plan.plan_pilot(benchmark.parse_args(command))["S1"][0].command
     assert first[first.index("--max-steps") + 1] == "1000" and first[-4:-2] == ["--subset", "256"]
+    assert first[first.index("--epochs") + 1] == "63"  # 1,000 steps of 16 from 256 images
     for root in (out, published):
         assert json.loads((root / "pilot" / "pilot.json").read_text()) == {
             "chosen": "S2",
