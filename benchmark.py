@@ -292,8 +292,8 @@ def prepare_data(args: argparse.Namespace) -> None:
         seeds = PILOT_SEEDS if args.pilot else range(dcgan_seed_count(args))
         for seed in seeds:
             gan_data.load_images(args.dataset, args.data_root, args.subset, seed, workers=os.cpu_count() or 1)
-    # The feature space too: the shapes classifier is trained once, here, not by every run.
-    sample_quality.feature_space_for(args.dataset, args.data_root)
+    # The feature space too (Inception's weights are downloaded once, here, not by every run).
+    sample_quality.feature_space_for(args.dataset)
 
 
 def dcgan_seed_count(args: argparse.Namespace) -> int:
@@ -332,6 +332,8 @@ def run_all(
         return []
     states = [state(job) for job in jobs]
     todo = [job for job, what_now in zip(jobs, states) if what_now not in FINISHED]
+    if todo:
+        check_feature_space([job for job, what_now in zip(jobs, states) if what_now in FINISHED], args)
     counts = ", ".join(f"{count} {name}" for name, count in Counter(states).items())
     print(
         f"{what}: {len(jobs) - len(todo)} of {len(jobs)} runs done before; {len(todo)} to run, "
@@ -359,6 +361,28 @@ def run_all(
         # and start no other.
         pool.shutdown(wait=True, cancel_futures=True)
     return ran
+
+
+def check_feature_space(finished: list[Job], args: argparse.Namespace) -> None:
+    """Stops before runs are added beside finished ones scored in another feature space (e.g.
+    published with another shapes classifier than the one shipped): their KIDs could not be
+    compared with the new runs'."""
+    scored = {}
+    for job in finished:
+        if job.kind == "dcgan":
+            space = run_summary.read_config(job.location).get("feature_space")
+            scored.setdefault(space, job.location)
+    scored.pop(None, None)  # a run that diverged before its first evaluation
+    if not scored:
+        return
+    current = sample_quality.feature_space_for(args.dataset).name
+    for space, path in scored.items():
+        if space != current:
+            raise gan_common.RunError(
+                f"{path} was scored in feature space {space}, this checkout's is {current}: KIDs in the "
+                f"two cannot be compared. To run its set again, move the runs scored in {space} out of "
+                f"{path.parent}"
+            )
 
 
 def failures(ran: list[tuple[Job, int, Path]]) -> list[tuple[Job, Path]]:

@@ -226,7 +226,7 @@ def quality_reference(args: argparse.Namespace, images: torch.Tensor, device: to
     """The dataset's feature space and the features of --eval-samples of its images (a
     seeded draw, cached beside the data). Fails before any training when the feature space
     cannot be had (e.g. Inception weights offline)."""
-    space = sample_quality.feature_space_for(args.dataset, args.data_root, args.inception_weights).to(device)
+    space = sample_quality.feature_space_for(args.dataset, args.inception_weights).to(device)
     count = min(args.eval_samples, len(images))
     real = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + 3))[:count]]
     cache = sample_quality.reference_cache_path(

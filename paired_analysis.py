@@ -60,7 +60,8 @@ def endpoints(run_dir: Path) -> dict:
     D_COLLAPSED_BELOW); failed: diverged or collapsed. No status.json counts as finished.
     NotARun says why a folder cannot be read."""
     run_dir = Path(run_dir)
-    args = run_summary.read_config(run_dir).get("args", {})
+    config = run_summary.read_config(run_dir)
+    args = config.get("args", {})
     status = run_summary.read_run_status(run_dir)
     log, quality = read_table(run_dir / "log.csv"), read_table(run_dir / "quality.csv")
     suffix = "_ema" if np.isfinite(quality["kid_ema"]).any() else ""
@@ -78,6 +79,7 @@ def endpoints(run_dir: Path) -> dict:
         "status": status["status"] if status else "finished",
         "kid_area": kid_area,
         "kid_column": f"kid{suffix}",
+        "feature_space": config.get("feature_space"),
         "classes_final": math.nan if diverged else last_value(quality, f"modes_covered{suffix}"),
         "diverged": diverged,
         "collapsed": bool(collapsed),
@@ -241,12 +243,28 @@ def results_sections(sets: dict[str, list[Path]], baseline: str = BASELINE) -> l
                 runs += read_endpoints(sets[set_name], notes)
             else:
                 notes.append(f"set {set_name}: not run")
+        check_one_feature_space(runs)
         configs = by_config(runs)
         lines += [f"## {name}: primary endpoints and paired comparisons", ""]
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         lines += endpoint_table(configs, listed_configs(configs, baseline)) + [""]
         lines += comparison_tables(name, configs, baseline)
     return lines
+
+
+def check_one_feature_space(runs: list[dict]) -> None:
+    """The runs of one setting are compared by KID, which only means something within one
+    feature space; runs without one (diverged before any evaluation) fit any."""
+    first: dict[str, Path] = {}
+    for run in runs:
+        if run["feature_space"] is not None:
+            first.setdefault(run["feature_space"], run["path"])
+    if len(first) > 1:
+        (space_a, path_a), (space_b, path_b) = list(first.items())[:2]
+        raise RunError(
+            f"{path_a} was scored in feature space {space_a}, {path_b} in {space_b}: their KIDs cannot be "
+            "compared; pass runs scored in one feature space"
+        )
 
 
 def by_config(runs: list[dict]) -> dict[str, dict[object, dict]]:
@@ -465,6 +483,7 @@ def pilot_table(run_dirs_by_candidate: dict[str, list[Path]]) -> tuple[str, list
     ran = {candidate: candidate_runs for candidate, candidate_runs in runs.items() if candidate_runs}
     if not ran:
         raise RunError("no candidate has a finished pilot run; run benchmark.py --pilot first")
+    check_one_feature_space([run for candidate_runs in ran.values() for run in candidate_runs])
 
     def failed(candidate: str) -> int:
         return sum(run["failed"] for run in ran[candidate])

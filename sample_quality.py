@@ -9,10 +9,10 @@
 
 Feature spaces: real image datasets use torch-fidelity's Inception-v3 (2048 features, the
 standard FID network); the shapes data uses the penultimate layer of a small CNN trained
-here on the shapes' known factors (kind x dominant colour x quadrant = 36 classes), as a
-LeNet is used for MNIST GANs. Shapes numbers are not comparable with Inception FIDs.
+on the shapes' known factors (kind x dominant colour x quadrant = 36 classes), as a LeNet
+is used for MNIST GANs. Shapes numbers are not comparable with Inception FIDs.
 
-    space = shapes_feature_space(data_root / "shapes_features")
+    space = shapes_feature_space()   # the classifier shipped in weights/
     reference = reference_features(real_uint8, space, cache_path)
     evaluate(generated_uint8, reference, space)   # {"kid": ..., "fid": ..., ...}
 
@@ -23,6 +23,7 @@ diversity_ratio() compares the spread of generated images with that of real ones
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import pickle
@@ -77,6 +78,12 @@ SHAPES_LR = 3e-3
 # The classifier's data seeds, far from the small seeds runs draw their shapes with.
 SHAPES_SEED_BASE = 1_000_000
 SHAPES_MIN_ACCURACY = 0.95
+# Shipped with the code, so that every machine scores in one feature space: training the
+# classifier again (on another CPU kind, or with another torch) gives other weights, and
+# KIDs measured with them cannot be compared with the published ones.
+SHAPES_CLASSIFIER_FILE = (
+    Path(__file__).resolve().parent / "weights" / f"shapes-classifier-v{SHAPES_CLASSIFIER_VERSION}.pt"
+)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -195,38 +202,40 @@ class FeatureSpace:
         return self
 
 
-def shapes_feature_space(cache_dir: str | Path, seed: int = 0) -> FeatureSpace:
-    """The shapes classifier's feature space, trained once (about a minute) and then loaded
-    from cache_dir."""
-    path = Path(cache_dir) / f"shapes-classifier-v{SHAPES_CLASSIFIER_VERSION}-s{seed}.pt"
+def shapes_feature_space(path: str | Path = SHAPES_CLASSIFIER_FILE) -> FeatureSpace:
+    """The shapes classifier's feature space, its weights read from `path` (by default the
+    file shipped in weights/). Its name carries the file's fingerprint, so that features and
+    scores from another classifier are never taken for this one's."""
+    path = Path(path)
+    retrain = f"python sample_quality.py --out {path} trains a new one (a new feature space)"
+    if not path.is_file():
+        raise SampleQualityError(f"{path}: no such file; it comes with the code (git checkout), or {retrain}")
     model = ShapesClassifier()
-    if path.exists():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
-            raise SampleQualityError(
-                f"{path} is not a readable shapes classifier ({first_line(error)}); delete it to retrain"
-            ) from None
-        accuracy = saved["accuracy"]
-    else:
-        start = time.perf_counter()
-        model, accuracy = train_shapes_classifier(seed)
-        seconds = time.perf_counter() - start
-        save_checkpoint(
-            path, {"state_dict": model.state_dict(), "accuracy": accuracy, "train_seconds": seconds}
-        )
-        tqdm.write(
-            f"shapes classifier: held-out accuracy {accuracy:.2%}, {seconds:.0f} s to train, saved to {path}"
-        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise SampleQualityError(
+            f"{path} is not a readable shapes classifier ({first_line(error)}); restore it "
+            f"from git, or {retrain}"
+        ) from None
+    accuracy = saved["accuracy"]
     if accuracy < SHAPES_MIN_ACCURACY:
         warnings.warn(
             f"the shapes classifier in {path} has held-out accuracy {accuracy:.2%} only", stacklevel=2
         )
     model.eval()
-    # The weights' fingerprint keeps real features cached with another classifier from being used.
     name = f"shapes-cnn-v{SHAPES_CLASSIFIER_VERSION}-{hashlib.sha1(path.read_bytes()).hexdigest()[:10]}"
     return FeatureSpace(name, model, modes_total=SHAPES_CLASSES, classifier_accuracy=accuracy)
+
+
+def save_shapes_classifier(path: str | Path, seed: int = 0) -> None:
+    """Trains the shapes classifier (about a minute) and saves it to `path`."""
+    start = time.perf_counter()
+    model, accuracy = train_shapes_classifier(seed)
+    seconds = time.perf_counter() - start
+    save_checkpoint(path, {"state_dict": model.state_dict(), "accuracy": accuracy, "train_seconds": seconds})
+    print(f"shapes classifier: held-out accuracy {accuracy:.2%}, {seconds:.0f} s to train, saved to {path}")
 
 
 def inception_feature_space(weights_path: str | Path | None = None) -> FeatureSpace:
@@ -273,13 +282,11 @@ def first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def feature_space_for(
-    dataset: str, data_root: str | Path, inception_weights: str | Path | None = None
-) -> FeatureSpace:
-    """The shapes classifier (cached in DATA_ROOT/shapes_features) for the shapes data,
-    Inception for real image datasets."""
+def feature_space_for(dataset: str, inception_weights: str | Path | None = None) -> FeatureSpace:
+    """The shapes classifier (shipped in weights/) for the shapes data, Inception for real
+    image datasets."""
     if dataset == "shapes":
-        return shapes_feature_space(Path(data_root) / "shapes_features")
+        return shapes_feature_space()
     return inception_feature_space(inception_weights)
 
 
@@ -666,3 +673,20 @@ def score_images(folder: str | Path, reference: Reference, space: FeatureSpace, 
             file=sys.stderr,
         )
     return evaluate(images, reference, space, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Trains the shapes classifier whose features the shapes data's KID, FID and classes "
+        f"are measured in. The code ships one (weights/{SHAPES_CLASSIFIER_FILE.name}); a new one is a new "
+        "feature space, whose scores are not comparable with the published ones."
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to save it")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    save_shapes_classifier(args.out, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

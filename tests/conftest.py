@@ -10,21 +10,14 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-from filelock import FileLock  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def shapes_data_root(tmp_path_factory, worker_id):
-    """A --data-root whose shapes_features/ holds the shapes classifier, trained once per
-    test session and shared by every test that evaluates (under xdist, by every worker: the
-    first to need it trains it, the others wait for it)."""
-    import sample_quality
-
+    """A --data-root shared by every test of the session (under xdist, by its workers), so that
+    the real features cached there are computed once."""
     if worker_id == "master":
-        root = tmp_path_factory.mktemp("data")
-        sample_quality.feature_space_for("shapes", root)
-        return root
+        return tmp_path_factory.mktemp("data")
     root = tmp_path_factory.getbasetemp().parent / "data"  # the session's, shared by its workers
-    with FileLock(f"{root}.lock"):
-        sample_quality.feature_space_for("shapes", root)  # trains it, or loads what another trained
+    root.mkdir(exist_ok=True)
     return root

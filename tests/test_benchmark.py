@@ -18,10 +18,12 @@ import pytest
 import benchmark
 import benchmark_plan
 import benchmark_report
+import gan_common
 import paired_analysis
 import plot_logs
 import run_log
 import run_summary
+import sample_quality
 import speed_settings
 from casmo_ext.bench import cpu_model
 
@@ -207,6 +209,26 @@ def test_a_diverged_run_is_an_outcome_counted_not_run_again_nor_failed(tmp_path,
     assert (
         "(compared)" in results and "Parts complete here: none; not run, or not complete: a, b, c." in results
     )
+
+
+def test_no_run_is_added_beside_runs_scored_in_another_feature_space(tmp_path, monkeypatch):
+    args = benchmark.parse_args(["--out", str(tmp_path / "out"), "--dcgan-seeds", "1", "--jobs", "1"])
+    finished, todo = benchmark_plan.plan(args, "a")["dcgan-shapes"]
+    finished.folder.mkdir(parents=True)
+    status = {"status": "finished", "step": 10, "cause": None, "checkpoint_step": None}
+    (finished.folder / run_log.STATUS_FILE).write_text(json.dumps(status))
+    config = {"script": "train_dcgan.py", "args": {}, "feature_space": "shapes-cnn-v1-0123456789"}
+    (finished.folder / "config.json").write_text(json.dumps(config))
+    started = fake_runs(monkeypatch, {})
+    shipped = sample_quality.shapes_feature_space().name
+    with pytest.raises(
+        gan_common.RunError, match=f"in feature space shapes-cnn-v1-0123456789, this checkout's is {shipped}"
+    ):
+        benchmark.run_all([finished, todo], args, tmp_path, "part a")
+    assert started == []
+    (finished.folder / "config.json").write_text(json.dumps(config | {"feature_space": shipped}))
+    benchmark.run_all([finished, todo], args, tmp_path, "part a")
+    assert started == [todo.folder]
 
 
 def test_the_pilot_runs_adam_under_each_candidate_and_part_b_takes_its_choice(
@@ -491,7 +513,7 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
     ]
     command = [sys.executable, "benchmark.py", *toy_only, "--configs", "adam_adam", "casmo_adam"]
     command += ["--jobs", "2", "--out", str(tmp_path)]  # both runs at once, both stopped mid-run
-    command += ["--data-root", str(shapes_data_root)]  # the classifier trained once per session
+    command += ["--data-root", str(shapes_data_root)]  # real features computed once per session
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     grid = subprocess.Popen(
         command, cwd=ROOT, env=environment, start_new_session=True, stderr=subprocess.PIPE
@@ -525,7 +547,7 @@ def test_ctrl_c_stops_the_grid_and_the_same_command_continues_it(tmp_path, shape
 def test_a_failing_run_is_reported_with_its_log(tmp_path, shapes_data_root):
     # --subset 0 is refused by train_dcgan.py itself: the toy runs go on, the DCGAN ones fail.
     dcgan_only = ["--toy-seeds", "0", "--sweep-robustness", "--subset", "0", "--out", str(tmp_path / "out")]
-    dcgan_only += ["--data-root", str(shapes_data_root)]  # the classifier trained once per session
+    dcgan_only += ["--data-root", str(shapes_data_root)]  # real features computed once per session
     result = run_benchmark(*dcgan_only, "--dry-run")
     assert result.returncode == 0 and result.stdout.count("start") == 4
     result = run_benchmark(*dcgan_only)

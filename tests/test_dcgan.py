@@ -278,7 +278,7 @@ def test_bad_resume_folders(tmp_path, capsys):
     fails_in_process(capsys, ["--resume", started], "cannot be resumed")
     # The same, as a user meets it: a short message and no traceback.
     check_fails(run("--resume", corrupt), "cannot read checkpoint")
-    # Refused before the data or the feature space (the shapes classifier's training) are prepared.
+    # Refused before the data and the real features are prepared.
     assert not (tmp_path / "data").exists()
 
 

@@ -219,6 +219,22 @@ def test_diverged_seeds_and_missing_parts_are_named(tmp_path):
     )
 
 
+def test_runs_of_one_setting_scored_in_two_feature_spaces_are_refused(tmp_path):
+    runs = grid(tmp_path, "s", {"adam_adam": [20, 21], "casmo_adam": [10, 12]})
+    for run, space in zip(runs, ["shapes-cnn-v1-aaa", "shapes-cnn-v1-aaa", "shapes-cnn-v1-aaa", None]):
+        config = json.loads((run / "config.json").read_text()) | {"feature_space": space}
+        (run / "config.json").write_text(json.dumps(config))
+    control = grid(tmp_path, "s-control", {"casmo_adam-control": [15]})[0]
+    assert paired_analysis.results_sections({"s": runs, "s-control": [control]})  # no space: fits any
+    config = json.loads((control / "config.json").read_text()) | {"feature_space": "shapes-cnn-v1-bbb"}
+    (control / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        paired_analysis.RunError, match="shapes-cnn-v1-aaa, .*casmo_adam-control-s0 in shapes-cnn-v1-bbb"
+    ):
+        paired_analysis.results_sections({"s": runs, "s-control": [control]})
+    assert paired_analysis.results_sections({"s": runs, "t-control": [control]})  # another setting
+
+
 # ---------------------------------------------------------------------------------------------
 # The pilot
 

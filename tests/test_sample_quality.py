@@ -1,3 +1,4 @@
+import hashlib
 import math
 import urllib.error
 
@@ -15,13 +16,8 @@ MODE_KEYS = {"modes_covered", "modes_total", "mode_kl"}
 
 
 @pytest.fixture(scope="session")
-def shapes_cache(shapes_data_root):
-    return shapes_data_root / "shapes_features"
-
-
-@pytest.fixture(scope="session")
-def shapes_space(shapes_cache):
-    return sq.shapes_feature_space(shapes_cache)
+def shapes_space():
+    return sq.shapes_feature_space()
 
 
 @pytest.fixture(scope="session")
@@ -58,22 +54,32 @@ def test_class_names_spell_out_the_factors():
     assert sq.shapes_class_name(sq.SHAPES_CLASSES - 1) == "blue triangle bottom-right"
 
 
-def test_shapes_classifier_is_accurate_and_cached(shapes_space, shapes_cache, monkeypatch):
+def test_the_shipped_shapes_classifier_is_accurate_and_named_by_its_file(shapes_space):
     assert shapes_space.classifier_accuracy >= 0.95
     assert shapes_space.modes_total == 36
-    monkeypatch.setattr(
-        sq, "train_shapes_classifier", lambda seed: pytest.fail("retrained despite the cache")
-    )
-    loaded = sq.shapes_feature_space(shapes_cache)
-    assert loaded.classifier_accuracy == shapes_space.classifier_accuracy
-    for name, value in shapes_space.model.state_dict().items():
-        assert torch.equal(loaded.model.state_dict()[name], value), name
+    fingerprint = hashlib.sha1(sq.SHAPES_CLASSIFIER_FILE.read_bytes()).hexdigest()[:10]
+    assert shapes_space.name == f"shapes-cnn-v1-{fingerprint}"
+    assert sq.feature_space_for("shapes").name == shapes_space.name
 
 
-def test_a_damaged_classifier_cache_names_the_fix(tmp_path):
-    (tmp_path / f"shapes-classifier-v{sq.SHAPES_CLASSIFIER_VERSION}-s0.pt").write_bytes(b"garbage")
-    with pytest.raises(sq.SampleQualityError, match="delete it to retrain"):
-        sq.shapes_feature_space(tmp_path)
+def test_a_retrained_classifier_is_accurate_and_another_feature_space(tmp_path, shapes_space, capsys):
+    path = tmp_path / "classifier.pt"
+    assert sq.main(["--out", str(path)]) == 0
+    assert f"saved to {path}" in capsys.readouterr().out
+    retrained = sq.shapes_feature_space(path)
+    assert retrained.classifier_accuracy >= 0.95 and retrained.name != shapes_space.name
+
+
+def test_a_missing_or_damaged_classifier_names_the_fix(tmp_path):
+    with pytest.raises(
+        sq.SampleQualityError, match="no such file; it comes with the code .* trains a new one"
+    ):
+        sq.shapes_feature_space(tmp_path / "missing.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"garbage")
+    with pytest.raises(
+        sq.SampleQualityError, match="not a readable shapes classifier .* restore it from git"
+    ):
+        sq.shapes_feature_space(tmp_path / "damaged.pt")
 
 
 def test_real_against_real_shapes_scores_well(real_scores):
