@@ -272,10 +272,13 @@ def plan_controls(
 def control_record(
     args: argparse.Namespace, folder: Path, jobs: list[Job], configs: list[str], record: bool
 ) -> dict[str, dict]:
-    """control.json of a control set: per configuration the rates, those of an earlier start kept;
-    written (and published) with `record`."""
+    """control.json of a control set: per configuration the rates, those of an earlier start kept
+    (from OUT, else from the published copy: a grid continued on another machine); written (and
+    published) with `record`."""
     path = folder / "control.json"
-    rates = json.loads(path.read_text()) if path.is_file() else {}
+    published = published_copy(args, folder)
+    earlier = path if path.is_file() or published is None else published / "control.json"
+    rates = json.loads(earlier.read_text()) if earlier.is_file() else {}
     for config in configs:
         if config not in rates:  # a resumed control keeps the rates it started with
             rates[config] = control_learning_rates(jobs, config)

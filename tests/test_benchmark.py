@@ -459,6 +459,11 @@ def test_a_published_run_is_skipped_and_read_where_it_is(grid, tmp_path, monkeyp
     lr_g = float(control.command[control.command.index("--lr-g") + 1])
     assert lr_g == pytest.approx(2e-4 * np.nanmean(confidence), rel=1e-12)
     assert (published / "toy2d-control" / "control.json").is_file()
+    # Continued on a third machine: the published rates are kept, not computed again.
+    shutil.rmtree(tmp_path / "out")
+    (published / "toy2d-control" / "control.json").write_text(json.dumps({"casmo_adam": {"lr_g": 1.25e-4}}))
+    control = benchmark_plan.plan_controls(args, {"toy2d": toy})["toy2d-control"][0]
+    assert control.command[control.command.index("--lr-g") + 1] == "0.000125"
 
 
 def test_second_run_skips_finished_runs_and_resumes_an_interrupted_one(grid, shapes_data_root):
