@@ -470,7 +470,7 @@ def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_
     check_ok(run(*fast, "--max-steps", 1, "--out", tmp_path / "split"))
     check_ok(run(*fast, "--max-steps", 2, "--resume", tmp_path / "split"))
     check_ok(run(*fast, "--max-steps", 2, "--out", tmp_path / "whole"))
-    check_ok(run(*common, "--max-steps", 2, "--out", tmp_path / "fp32"))
+    check_ok(run(*common, "--amp", "off", "--max-steps", 2, "--out", tmp_path / "fp32"))
     split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     # Weights only: BatchNorm's running statistics also saw the split run's extra final grid.
@@ -479,9 +479,12 @@ def test_bf16_and_channels_last_on_the_cpu_train_and_resume_exactly(shapes_data_
             assert torch.equal(split["generator"][name], tensor), name
             assert tensor.dtype == torch.float32, name  # autocast computes in bf16, keeps fp32 weights
     assert untimed(tmp_path / "split" / "log.csv") == untimed(tmp_path / "whole" / "log.csv")
-    # Autocast did run: bf16 arithmetic gives other losses than fp32 from the same seed.
-    fast_losses = [row["loss_g"] for row in read_csv(tmp_path / "whole" / "log.csv")]
-    assert fast_losses != [row["loss_g"] for row in read_csv(tmp_path / "fp32" / "log.csv")]
+    # Autocast did run: bf16 arithmetic gives other weights than fp32 from the same seed (the
+    # default, --amp auto, is bf16 on this CPU; the logged losses can agree where D saturates).
+    fp32 = torch.load(tmp_path / "fp32" / "checkpoint.pt", weights_only=True)
+    assert any(
+        not torch.equal(fp32["generator"][name], tensor) for name, tensor in whole["generator"].items()
+    )
     args = json.loads((tmp_path / "whole" / "config.json").read_text())["args"]
     assert (args["amp"], args["channels_last"]) == ("bf16", True)
     assert Image.open(tmp_path / "whole" / "samples" / "final.png").size == (2 + 4 * 66, 2 + 66)  # 4 a row
